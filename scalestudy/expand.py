@@ -1,0 +1,152 @@
+"""StudySpec → [Trial]: grid × zip, include, exclude, derived values and stable trial ids.
+
+Pure and deterministic: the same study always gives the same trials in the same order. Derived
+values (steps from the examples-seen budget, the scaled LR, warm-up steps, loss inits) are computed
+here and nowhere else, so `plan` shows exactly what `run` trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from scalestudy.errors import SpecError
+from scalestudy.load import format_validation_error, get_dotted, model_at, set_dotted
+from scalestudy.spec import StudySpec, TrialConfig
+
+# CLIP §2.5: logit scale initialised to 1/0.07 (and clipped at 100). SigLIP §3.2: t' = log 10, b = −10.
+DEFAULT_TEMPERATURE = {"softmax": 1 / 0.07, "sigmoid": 10.0}
+DEFAULT_SIGMOID_BIAS = -10.0
+# Parts of the config that do not change what a trial computes, so they are not in its id.
+NOT_IDENTITY = {"resources"}
+
+
+class Derived(BaseModel):
+    """Values computed from a TrialConfig; shown by `plan`, used by the trial."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(description="ceil(train.examples_seen / train.batch_size).")
+    examples_seen: int = Field(description="steps × batch size: the budget actually trained.")
+    lr: float = Field(description="optim.lr scaled by optim.lr_scaling for this batch size.")
+    warmup_steps: int = Field(description="round(optim.warmup_fraction × steps).")
+    temperature_init: float = Field(description="Initial logit scale t.")
+    bias_init: float | None = Field(description="Initial sigmoid bias b; None for softmax.")
+
+
+class Trial(BaseModel):
+    """One fully resolved trial: what `config.json` in its directory holds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    trial_id: str
+    config: TrialConfig
+    derived: Derived
+    swept: dict[str, Any] = Field(description="The value of each swept dotted key for this trial.")
+
+
+def trial_id(config: TrialConfig) -> str:
+    """A short stable hash of the config's canonical JSON (sorted keys, resources left out)."""
+    canonical = json.dumps(
+        config.model_dump(mode="json", exclude=NOT_IDENTITY), sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def derive(config: TrialConfig) -> Derived:
+    batch = config.train.batch_size
+    steps = math.ceil(config.train.examples_seen / batch)
+    exponent = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[config.optim.lr_scaling]
+    lr = config.optim.lr * (batch / config.optim.lr_reference_batch) ** exponent
+    kind = config.loss.kind
+    temperature = config.loss.temperature_init or DEFAULT_TEMPERATURE[kind]
+    bias = None
+    if kind == "sigmoid":
+        bias = DEFAULT_SIGMOID_BIAS if config.loss.bias_init is None else config.loss.bias_init
+    return Derived(
+        steps=steps,
+        examples_seen=steps * batch,
+        lr=lr,
+        warmup_steps=round(config.optim.warmup_fraction * steps),
+        temperature_init=min(temperature, config.loss.max_temperature),
+        bias_init=bias,
+    )
+
+
+def _validate_point(base: dict[str, Any], point: dict[str, Any], where: str) -> TrialConfig:
+    tree = base
+    for key, value in point.items():
+        tree = set_dotted(tree, key, value)
+    try:
+        return TrialConfig.model_validate(tree)
+    except ValidationError as err:
+        shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
+        raise SpecError(
+            format_validation_error(err, where, prefix="base") + f"\n  (in the sweep point {shown})"
+        ) from None
+
+
+def _points(study: StudySpec) -> list[dict[str, Any]]:
+    sweep = study.sweep
+    grid_keys = list(sweep.grid)
+    zip_rows = [dict(zip(sweep.zip, row)) for row in zip(*sweep.zip.values())] or [{}]
+    points = [
+        {**dict(zip(grid_keys, combo)), **row}
+        for combo in itertools.product(*sweep.grid.values())
+        for row in zip_rows
+    ]
+    return points + [dict(extra) for extra in sweep.include]
+
+
+def axes(study: StudySpec) -> list[str]:
+    """The swept dotted keys, in declaration order (grid, zip, then keys only in include)."""
+    keys = list(study.sweep.grid) + list(study.sweep.zip)
+    for extra in study.sweep.include:
+        keys += [k for k in extra if k not in keys]
+    return keys
+
+
+def expand(study: StudySpec, source: str = "study") -> list[Trial]:
+    """All trials of the study, deduplicated by id, in sweep order."""
+    for kind, entries in (("include", study.sweep.include), ("exclude", study.sweep.exclude)):
+        for i, entry in enumerate(entries):
+            for key in entry:
+                model_at(TrialConfig, key, f"{source}: sweep.{kind}[{i}]")
+    for kind, keyed in (("grid", study.sweep.grid), ("zip", study.sweep.zip)):
+        for key in keyed:
+            model_at(TrialConfig, key, f"{source}: sweep.{kind}")
+
+    base = study.base.model_dump(mode="json")
+    # Each value on its own first, so an error names the one bad value rather than a whole point.
+    for kind, keyed in (("grid", study.sweep.grid), ("zip", study.sweep.zip)):
+        for key, values in keyed.items():
+            for i, value in enumerate(values):
+                _validate_point(base, {key: value}, f"{source}: sweep.{kind}.{key}[{i}]")
+
+    keys = axes(study)
+    excluded = [
+        _validate_point(base, entry, f"{source}: sweep.exclude").model_dump(mode="json")
+        for entry in study.sweep.exclude
+    ]
+    trials: dict[str, Trial] = {}
+    for point in _points(study):
+        config = _validate_point(base, point, f"{source}: sweep")
+        dumped = config.model_dump(mode="json")
+        if any(
+            all(get_dotted(dumped, k) == get_dotted(ex, k) for k in entry)
+            for entry, ex in zip(study.sweep.exclude, excluded)
+        ):
+            continue
+        tid = trial_id(config)
+        if tid not in trials:
+            swept = {k: get_dotted(dumped, k) for k in keys}
+            trials[tid] = Trial(trial_id=tid, config=config, derived=derive(config), swept=swept)
+    if not trials:
+        raise SpecError(f"{source}: the sweep's exclude entries remove every trial; nothing would run")
+    return list(trials.values())
+

@@ -1,0 +1,240 @@
+"""One trial, top to bottom: set up, resume if a checkpoint exists, train, evaluate, summarise.
+
+Every executor runs this same function (through `python -m scalestudy.trial TRIAL_DIR` or
+directly), so a trial behaves the same everywhere. Batch arithmetic: step s (1-based) trains on
+batch s of the seed's stream, examples_seen = s × batch_size, and the run ends at
+derived.steps = ceil(train.examples_seen / batch_size).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from scalestudy.errors import DivergedError
+from scalestudy.expand import Trial
+from scalestudy.losses import sigmoid_loss, softmax_loss
+from scalestudy.store import TrialStore, atomic_write_json
+from scalestudy.train.data import HashTokenizer, render
+from scalestudy.train.evaluate import evaluate
+from scalestudy.train.models import TwoTower
+from scalestudy.train.monitors import SpikeDetector
+from scalestudy.train.optim import lr_at, make_optimizer
+from scalestudy.train.summary import summarize
+
+# Metric rows reach disk at least this often, so status and the dashboard see live progress.
+FLUSH_EVERY_S = 2.0
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived: the trial checkpoints where it is and stops as `preempted`."""
+
+
+def is_due(step: int, every: int, total: int) -> bool:
+    """Whether a periodic action (eval, checkpoint) runs after `step`; always after the last."""
+    return step == total or (every > 0 and step % every == 0)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but torch sees no GPU; use train.device=auto or cpu")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def grad_norm(params: list[torch.nn.Parameter]) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Turn SIGTERM/SIGINT into a flag the loop checks between steps (only in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def compute_loss(model: TwoTower, trial: Trial, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    image_features, text_features = model(images, tokens)
+    if trial.config.loss.kind == "softmax":
+        return softmax_loss(image_features, text_features, model.logit_scale())
+    return sigmoid_loss(image_features, text_features, model.logit_scale(), model.bias)
+
+
+def run_trial(trial_dir: str, backend: str = "local", stop: threading.Event | None = None) -> dict[str, Any]:
+    """Train the trial in `trial_dir` to the end (or until `stop` is set); returns its summary.
+
+    Raises Preempted when stopped early (a checkpoint is saved first); any other exception marks
+    the trial failed with its traceback and propagates.
+    """
+    store = TrialStore(trial_dir)
+    trial = store.read_trial()
+    stop = stop or threading.Event()
+    store.start_attempt(backend)
+    try:
+        with stop_on_signals(stop):
+            return _train(store, trial, stop)
+    except Preempted:
+        store.update_state(status="preempted")
+        raise
+    except Exception:
+        store.update_state(status="failed", error=traceback.format_exc(), finished_at=time.time())
+        raise
+
+
+def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, Any]:
+    cfg, derived = trial.config, trial.derived
+    torch.set_num_threads(cfg.resources.cpus)
+    device = pick_device(cfg.train.device)
+    attempt_start = time.time()
+
+    torch.manual_seed(cfg.train.seed)
+    model = TwoTower(
+        cfg.model,
+        cfg.data.image_size,
+        derived.temperature_init,
+        derived.bias_init,
+        cfg.loss.learn_temperature,
+        cfg.loss.max_temperature,
+    ).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    tower_params = {
+        name: [p for p in getattr(model, name).parameters() if p.requires_grad]
+        for name in ("image", "text")
+    }
+    optimizer = make_optimizer(model, cfg.optim, derived.lr)
+    spikes = SpikeDetector(cfg.monitor.spike_threshold, cfg.monitor.spike_window)
+    tokenizer = HashTokenizer(cfg.model.vocab_size, cfg.model.context_length)
+    eval_batch = render(cfg.train.seed, "eval", 0, cfg.data.eval_images, cfg.data.image_size)
+
+    start, wall_before = 0, 0.0
+    if store.checkpoint_path.exists():
+        # weights_only: a checkpoint is data, never code (nothing on disk can run on load).
+        ckpt = torch.load(store.checkpoint_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        spikes.load_state_dict(ckpt["spikes"])
+        torch.set_rng_state(ckpt["rng"])
+        start, wall_before = int(ckpt["step"]), float(ckpt["wall_s"])
+        store.truncate_after(start)
+    else:
+        store.reset()
+
+    def elapsed() -> float:
+        return wall_before + time.time() - attempt_start
+
+    def save_checkpoint(step: int) -> None:
+        flush()
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "spikes": spikes.state_dict(),
+            "rng": torch.get_rng_state(),
+            "wall_s": elapsed(),
+        }
+        tmp = store.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(store.checkpoint_path)
+
+    rows: list[dict[str, Any]] = []
+    last_flush = time.time()
+
+    def flush() -> None:
+        nonlocal last_flush
+        if rows:
+            store.append_metrics(rows)
+            store.update_state(step=rows[-1]["step"], steps=derived.steps, loss=rows[-1]["loss"])
+            rows.clear()
+        last_flush = time.time()
+
+    diverged = False
+    batch_size = cfg.train.batch_size
+    for step in range(start + 1, derived.steps + 1):
+        t0 = time.perf_counter()
+        lr = lr_at(step, derived, cfg.optim.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = render(cfg.train.seed, "train", step, batch_size, cfg.data.image_size)
+        images, tokens = batch.images.to(device), tokenizer(batch.captions).to(device)
+
+        loss = compute_loss(model, trial, images, tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # Norms before any clipping: the spike record must show what the optimiser was handed.
+        norm = grad_norm(params)
+        loss_value = loss.item()
+        is_spike, ratio = spikes.update(norm)
+        row = {
+            "step": step,
+            "examples_seen": step * batch_size,
+            "loss": loss_value,
+            "grad_norm": norm,
+            "grad_norm_image": grad_norm(tower_params["image"]),
+            "grad_norm_text": grad_norm(tower_params["text"]),
+            "lr": lr,
+            "temperature": model.logit_scale().item(),
+            "bias": None if model.bias is None else model.bias.item(),
+            "is_spike": is_spike,
+            "spike_ratio": ratio,
+        }
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            row["step_time_s"] = time.perf_counter() - t0
+            rows.append(row)
+            flush()
+            diverged = True
+            break
+        if cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        optimizer.step()
+        row["step_time_s"] = time.perf_counter() - t0
+        rows.append(row)
+
+        if is_due(step, cfg.train.eval_every, derived.steps):
+            flush()
+            store.append_eval({"step": step, "examples_seen": step * batch_size,
+                               **evaluate(model, eval_batch, tokenizer, device)})
+        if is_due(step, cfg.train.checkpoint_every, derived.steps):
+            save_checkpoint(step)
+        elif stop.is_set():
+            save_checkpoint(step)
+            raise Preempted(f"stopped at step {step}")
+        elif time.time() - last_flush > FLUSH_EVERY_S:
+            flush()
+        if stop.is_set() and step < derived.steps:
+            raise Preempted(f"stopped at step {step}")
+
+    flush()
+    if diverged:
+        # The history up to the bad step is the finding; evaluate what the model was before it.
+        store.append_eval({"step": step, "examples_seen": step * batch_size,
+                           **evaluate(model, eval_batch, tokenizer, device)})
+    store.compact_metrics()
+    summary = summarize(store.metrics(), store.evals(), derived, diverged, elapsed())
+    atomic_write_json(store.summary_path, summary)
+    error = str(DivergedError(step, "non-finite loss or gradient norm")) if diverged else None
+    store.update_state(
+        status="diverged" if diverged else "done", finished_at=time.time(), error=error,
+        step=summary["step"],
+    )
+    return summary

@@ -1,0 +1,197 @@
+"""The `scalestudy` command. `main(argv)` returns the exit status, so tests call it directly.
+
+Exit status: 0 success; 2 invalid study or usage (nothing written, no traceback); 1 when some
+trials of the study failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scalestudy.errors import ScalestudyError
+from scalestudy.expand import Trial, axes, expand
+from scalestudy.load import load_study
+from scalestudy.spec import StudySpec
+from scalestudy.store import FINAL_STATES, RunStore, atomic_write_text
+
+
+def _load(args: argparse.Namespace) -> tuple[StudySpec, list[Trial]]:
+    overrides = list(args.set or [])
+    if getattr(args, "executor", None):
+        overrides.append(f"executor.kind={args.executor}")
+    study = load_study(args.study, overrides)
+    return study, expand(study, str(args.study))
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def plan_rows(trials: list[Trial]) -> list[dict[str, Any]]:
+    return [
+        {
+            "trial_id": t.trial_id,
+            **t.swept,
+            **{f"derived.{k}": v for k, v in t.derived.model_dump().items()},
+            "resources.cpus": t.config.resources.cpus,
+            "resources.gpus": t.config.resources.gpus,
+        }
+        for t in trials
+    ]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    study, trials = _load(args)
+    print(f"{args.study}: valid study {study.name!r} with {len(trials)} trials")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    study, trials = _load(args)
+    rows = plan_rows(trials)
+    if args.json:
+        print(json.dumps({"study": study.name, "trials": rows}, indent=2))
+    else:
+        print(f"study {study.name}: {len(trials)} trials (swept: {', '.join(axes(study)) or 'nothing'})")
+        print(format_table(rows, list(rows[0])))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from scalestudy.executors import get_executor
+    from scalestudy.results import write_results
+
+    study, trials = _load(args)
+    executor = get_executor(study.executor.kind)
+    store = RunStore(Path(args.out) / study.name)
+    atomic_write_text(store.study_path, yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
+    for trial in trials:
+        store.add_trial(trial)
+    states = {t.trial_id: store.trial(t.trial_id).state()["status"] for t in trials}
+    skip = set(FINAL_STATES) | ({"failed"} if not args.retry_failed else set())
+    todo = [t for t in trials if states[t.trial_id] not in skip]
+    finished = sum(s in FINAL_STATES for s in states.values())
+    failed_before = sum(s == "failed" for s in states.values())
+    print(f"{store.root}: {len(trials)} trials, {finished} already finished, {len(todo)} to run"
+          + (f", {failed_before} failed (skipped; --retry-failed runs them again)"
+             if failed_before and not args.retry_failed else ""))
+    if todo:
+        executor.run(store, todo, study)
+    frame = write_results(store)
+    failed = frame.filter(frame["in_study"] & (frame["status"] == "failed"))
+    for row in failed.iter_rows(named=True):
+        print(f"trial {row['trial_id']} failed: {(row['error'] or '').strip().splitlines()[-1:]}",
+              file=sys.stderr)
+    print(f"results: {store.results_path}")
+    return 1 if failed.height else 0
+
+
+STATUS_COLUMNS = ["trial_id", "status", "step", "steps", "final_loss", "zeroshot_top1",
+                  "spike_count", "max_spike_ratio"]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from scalestudy.results import results_frame, study_axes
+
+    store = RunStore.open(args.run_dir)
+    frame = results_frame(store)
+    if args.json:
+        print(json.dumps(frame.to_dicts(), indent=2, default=str))
+        return 0
+    columns = STATUS_COLUMNS[:2] + study_axes(store) + STATUS_COLUMNS[2:]
+    print(format_table(frame.to_dicts(), columns))
+    counts = frame.group_by("status").len().sort("status").iter_rows()
+    print("  ".join(f"{status}: {n}" for status, n in counts))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from scalestudy.analysis.report import write_report
+
+    store = RunStore.open(args.run_dir)
+    index = write_report(store)
+    print(f"report: {index}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scalestudy",
+        description="Scaling studies of contrastive language–image pretraining (CLIP vs SigLIP).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_study(p: argparse.ArgumentParser) -> None:
+        p.add_argument("study", help="the study YAML file")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a dotted key, e.g. --set train.batch_size=128 (repeatable)")
+
+    p = sub.add_parser("validate", help="check a study file; exit 2 with the reason if invalid")
+    with_study(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="show the expanded trials and their derived values; runs nothing")
+    with_study(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run the study's trials (skips finished ones, resumes interrupted)")
+    with_study(p)
+    p.add_argument("--executor", help="where trials run (default: the study's executor.kind)")
+    p.add_argument("--out", default="runs", help="the run directory is OUT/<study name> (default runs)")
+    p.add_argument("--retry-failed", action="store_true", help="run failed trials again too")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="one row per trial: state, step, key metrics, spikes")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="every column, as JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("report", help="results table and plots under RUN_DIR/report/")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        return int(args.func(args))
+    except ScalestudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted: trials stopped at a checkpoint; run the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+def main_entry() -> None:
+    sys.exit(main())
+
+
+
+if __name__ == "__main__":
+    main_entry()

@@ -12,8 +12,11 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+from scalestudy.spec import DataSpec
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.9, 0.1, 0.1),
@@ -97,6 +100,40 @@ def render(seed: int, split: str, index: int, batch_size: int, image_size: int) 
     ]
     labels = colour * len(SHAPES) + shape
     return Batch(images=images, captions=captions, labels=labels)
+
+
+class Dataset(Protocol):
+    """What a trial needs from its data: training batches by step, and a held-out evaluation set."""
+
+    classes: tuple[str, ...]  # zero-shot class names
+    templates: tuple[str, ...]  # prompt templates, each with one "{}" for the class name
+
+    def train_batch(self, step: int, batch_size: int) -> Batch:
+        """The global batch of 1-based `step`; the same arguments always give the same batch."""
+        ...
+
+    def eval_set(self) -> Batch:
+        """Held-out images with their captions and class labels."""
+        ...
+
+
+@dataclass(frozen=True)
+class ShapesDataset:
+    seed: int
+    image_size: int
+    eval_images: int
+    classes: tuple[str, ...] = CLASSES
+    templates: tuple[str, ...] = TEMPLATES
+
+    def train_batch(self, step: int, batch_size: int) -> Batch:
+        return render(self.seed, "train", step, batch_size, self.image_size)
+
+    def eval_set(self) -> Batch:
+        return render(self.seed, "eval", 0, self.eval_images, self.image_size)
+
+
+def make_dataset(spec: DataSpec, seed: int) -> Dataset:
+    return ShapesDataset(seed=seed, image_size=spec.image_size, eval_images=spec.eval_images)
 
 
 class HashTokenizer:

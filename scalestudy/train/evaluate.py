@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from scalestudy.train.data import CLASSES, TEMPLATES, Batch, HashTokenizer
+from scalestudy.train.data import Batch, Dataset, HashTokenizer
 from scalestudy.train.models import TwoTower
 
 
@@ -16,27 +16,30 @@ def recall_at(
     return (column_keys[top] == row_keys.unsqueeze(1)).any(dim=1).float().mean().item()
 
 
-def class_embeddings(model: TwoTower, tokenizer: HashTokenizer, device: torch.device) -> torch.Tensor:
+def class_embeddings(
+    model: TwoTower, classes: tuple[str, ...], templates: tuple[str, ...],
+    tokenizer: HashTokenizer, device: torch.device,
+) -> torch.Tensor:
     """One unit vector per class: the normalised mean of its prompt embeddings."""
-    prompts = [template.format(name) for name in CLASSES for template in TEMPLATES]
+    prompts = [template.format(name) for name in classes for template in templates]
     text = model.encode_text(tokenizer(prompts).to(device))
-    text = text.view(len(CLASSES), len(TEMPLATES), -1).mean(1)
+    text = text.view(len(classes), len(templates), -1).mean(1)
     return torch.nn.functional.normalize(text, dim=-1)
 
 
 @torch.no_grad()
 def evaluate(
-    model: TwoTower, batch: Batch, tokenizer: HashTokenizer, device: torch.device
+    model: TwoTower, dataset: Dataset, batch: Batch, tokenizer: HashTokenizer, device: torch.device
 ) -> dict[str, float]:
     """Zero-shot top-1/5 over the classes and image↔text recall@1/5 over the held-out captions."""
     was_training = model.training
     model.eval()
     images = model.encode_image(batch.images.to(device))
     texts = model.encode_text(tokenizer(batch.captions).to(device))
-    classes = class_embeddings(model, tokenizer, device)
+    classes = class_embeddings(model, dataset.classes, dataset.templates, tokenizer, device)
     model.train(was_training)
     labels = batch.labels.to(device)
-    class_ids = torch.arange(len(CLASSES), device=device)
+    class_ids = torch.arange(len(dataset.classes), device=device)
     # Procedural captions repeat (a "small red circle on the left" can occur twice), so a retrieved
     # item counts as a hit when its caption is the same text as the query's, not only its own pair.
     caption_ids = {caption: i for i, caption in enumerate(dict.fromkeys(batch.captions))}

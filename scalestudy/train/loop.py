@@ -23,7 +23,7 @@ from scalestudy.errors import DivergedError
 from scalestudy.expand import Trial
 from scalestudy.losses import sigmoid_loss, softmax_loss
 from scalestudy.store import TrialStore, atomic_write_json
-from scalestudy.train.data import HashTokenizer, render
+from scalestudy.train.data import HashTokenizer, make_dataset
 from scalestudy.train.evaluate import evaluate
 from scalestudy.train.models import TwoTower
 from scalestudy.train.monitors import SpikeDetector
@@ -125,7 +125,8 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
     optimizer = make_optimizer(model, cfg.optim, derived.lr)
     spikes = SpikeDetector(cfg.monitor.spike_threshold, cfg.monitor.spike_window)
     tokenizer = HashTokenizer(cfg.model.vocab_size, cfg.model.context_length)
-    eval_batch = render(cfg.train.seed, "eval", 0, cfg.data.eval_images, cfg.data.image_size)
+    dataset = make_dataset(cfg.data, cfg.train.seed)
+    eval_batch = dataset.eval_set()
 
     start, wall_before = 0, 0.0
     if store.checkpoint_path.exists():
@@ -175,7 +176,7 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
         lr = lr_at(step, derived, cfg.optim.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = render(cfg.train.seed, "train", step, batch_size, cfg.data.image_size)
+        batch = dataset.train_batch(step, batch_size)
         images, tokens = batch.images.to(device), tokenizer(batch.captions).to(device)
 
         loss = compute_loss(model, trial, images, tokens)
@@ -213,7 +214,7 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
         if is_due(step, cfg.train.eval_every, derived.steps):
             flush()
             store.append_eval({"step": step, "examples_seen": step * batch_size,
-                               **evaluate(model, eval_batch, tokenizer, device)})
+                               **evaluate(model, dataset, eval_batch, tokenizer, device)})
         if is_due(step, cfg.train.checkpoint_every, derived.steps):
             save_checkpoint(step)
         elif stop.is_set():
@@ -228,9 +229,10 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
     if diverged:
         # The history up to the bad step is the finding; evaluate what the model was before it.
         store.append_eval({"step": step, "examples_seen": step * batch_size,
-                           **evaluate(model, eval_batch, tokenizer, device)})
+                           **evaluate(model, dataset, eval_batch, tokenizer, device)})
     store.compact_metrics()
-    summary = summarize(store.metrics(), store.evals(), derived, diverged, elapsed())
+    summary = summarize(store.metrics(), store.evals(), derived, diverged, elapsed(),
+                        len(dataset.classes))
     atomic_write_json(store.summary_path, summary)
     error = str(DivergedError(step, "non-finite loss or gradient norm")) if diverged else None
     store.update_state(

@@ -7,14 +7,14 @@ from typing import Any
 import polars as pl
 
 from scalestudy.expand import Derived
-from scalestudy.train.data import CLASSES
 
 # The final loss is averaged over the last steps: one step's loss is too noisy to compare trials.
 FINAL_LOSS_STEPS = 10
 
 
 def summarize(
-    metrics: pl.DataFrame, evals: pl.DataFrame, derived: Derived, diverged: bool, wall_s: float
+    metrics: pl.DataFrame, evals: pl.DataFrame, derived: Derived, diverged: bool, wall_s: float,
+    num_classes: int,
 ) -> dict[str, Any]:
     steps_done = metrics.height
     tail = metrics.tail(FINAL_LOSS_STEPS)["loss"] if steps_done else pl.Series([], dtype=pl.Float64)
@@ -30,7 +30,7 @@ def summarize(
         "final_loss": final_loss,
         "zeroshot_top1": last_eval.get("zeroshot_top1"),
         "zeroshot_top5": last_eval.get("zeroshot_top5"),
-        "zeroshot_chance": 1 / len(CLASSES),
+        "zeroshot_chance": 1 / num_classes,
         "best_zeroshot_top1": float(evals["zeroshot_top1"].max()) if evals.height else None,
         "retrieval_i2t_r1": last_eval.get("retrieval_i2t_r1"),
         "retrieval_t2i_r1": last_eval.get("retrieval_t2i_r1"),

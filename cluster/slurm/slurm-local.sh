@@ -148,13 +148,16 @@ wait_until() {
 
 # ---------------------------------------------------------------- knobs and configuration
 
+# A decimal integer without leading zeros (bash arithmetic would read 010 as octal).
+is_uint() { [[ $1 =~ ^(0|[1-9][0-9]{0,8})$ ]]; }
+
 validate_knobs() {
   [[ $ACCOUNTING == 0 || $ACCOUNTING == 1 ]] || die "SLURM_LOCAL_ACCOUNTING must be 0 or 1, got '$ACCOUNTING'"
-  [[ $GPUS =~ ^[0-9]+$ ]] && ((GPUS <= 64)) || die "SLURM_LOCAL_GPUS must be an integer 0..64, got '$GPUS'"
-  [[ $CPUS =~ ^[0-9]+$ ]] && ((CPUS >= 1 && CPUS <= 1024)) || die "SLURM_LOCAL_CPUS must be an integer 1..1024, got '$CPUS'"
-  [[ $MAX_ARRAY_SIZE =~ ^[0-9]+$ ]] && ((MAX_ARRAY_SIZE <= 4000001)) ||
+  is_uint "$GPUS" && ((GPUS <= 64)) || die "SLURM_LOCAL_GPUS must be an integer 0..64, got '$GPUS'"
+  is_uint "$CPUS" && ((CPUS >= 1 && CPUS <= 1024)) || die "SLURM_LOCAL_CPUS must be an integer 1..1024, got '$CPUS'"
+  is_uint "$MAX_ARRAY_SIZE" && ((MAX_ARRAY_SIZE <= 4000001)) ||
     die "SLURM_LOCAL_MAX_ARRAY_SIZE must be an integer 0..4000001, got '$MAX_ARRAY_SIZE'"
-  [[ $TIMEOUT =~ ^[0-9]+$ ]] && ((TIMEOUT >= 1)) || die "SLURM_LOCAL_TIMEOUT must be a positive integer, got '$TIMEOUT'"
+  is_uint "$TIMEOUT" && ((TIMEOUT >= 1)) || die "SLURM_LOCAL_TIMEOUT must be a positive integer, got '$TIMEOUT'"
   [[ $PARTITION =~ ^[A-Za-z][A-Za-z0-9_-]{0,39}$ ]] || die "SLURM_LOCAL_PARTITION must match [A-Za-z][A-Za-z0-9_-]*, got '$PARTITION'"
   # Slurm lowercases cluster names, and they become MariaDB table-name prefixes.
   [[ $CLUSTER =~ ^[a-z][a-z0-9_]{0,39}$ ]] || die "SLURM_LOCAL_CLUSTER must match [a-z][a-z0-9_]*, got '$CLUSTER'"

@@ -159,6 +159,11 @@ class MonitorSpec(Spec):
     spike_window: int = Field(
         50, ge=3, description="Steps in the running median that spikes are measured against."
     )
+    extended: bool = Field(
+        True,
+        description="Also record per-tower grad norms, parameter and update norms, Adam staleness "
+        "and mean positive/negative logits every step (grad norm, loss and spikes are always on).",
+    )
 
 
 class ResourcesSpec(Spec):

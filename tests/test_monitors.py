@@ -62,3 +62,44 @@ def test_the_detector_resumes_exactly_from_its_state():
     resumed = SpikeDetector(3.0, 4)
     resumed.load_state_dict(first.state_dict())
     assert head + [resumed.update(v) for v in series[4:]] == expected
+
+
+def test_logit_means_match_the_full_logit_matrix():
+    import torch
+
+    from scalestudy.train.monitors import logit_means
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=-1)
+    t, b = torch.tensor(3.0), torch.tensor(-2.0)
+    logits = t * x @ y.t() + b
+    off = ~torch.eye(7, dtype=torch.bool)
+    positive, negative = logit_means(x, y, t, b)
+    assert positive == pytest.approx(logits.diagonal().mean().item(), rel=1e-5)
+    assert negative == pytest.approx(logits[off].mean().item(), rel=1e-5)
+
+
+def test_adam_staleness_is_large_when_a_gradient_jumps_far_above_its_history():
+    import torch
+
+    from scalestudy.train.monitors import adam_staleness
+
+    param = torch.nn.Parameter(torch.zeros(100))
+    opt = torch.optim.AdamW([param], lr=1e-3, betas=(0.9, 0.95))
+    readings = []
+    for grad_scale in [1.0] * 20 + [30.0]:
+        param.grad = torch.full((100,), grad_scale)
+        readings.append(adam_staleness(opt))
+        opt.step()
+    assert readings[0] is None
+    assert readings[-2] == pytest.approx(1.0, rel=0.05)  # steady gradients: g² ≈ v̂
+    assert readings[-1] > 20
+
+
+def test_steps_to_recover_counts_until_the_loss_is_back_at_its_pre_spike_median():
+    from scalestudy.train.summary import steps_to_recover
+
+    losses = [2.0, 2.1, 1.9, 2.0, 5.0, 4.0, 3.0, 2.0, 1.9]
+    assert steps_to_recover(losses, [5], first_step=1, window=4) == 3
+    assert steps_to_recover(losses, [], first_step=1, window=4) is None

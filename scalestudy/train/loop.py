@@ -26,7 +26,13 @@ from scalestudy.store import TrialStore, atomic_write_json
 from scalestudy.train.data import HashTokenizer, make_dataset
 from scalestudy.train.evaluate import evaluate
 from scalestudy.train.models import TwoTower
-from scalestudy.train.monitors import SpikeDetector
+from scalestudy.train.monitors import (
+    SpikeDetector,
+    UpdateNorm,
+    adam_staleness,
+    logit_means,
+    norm,
+)
 from scalestudy.train.optim import lr_at, make_optimizer
 from scalestudy.train.summary import summarize
 
@@ -52,10 +58,7 @@ def pick_device(choice: str) -> torch.device:
 
 
 def grad_norm(params: list[torch.nn.Parameter]) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    return norm([p.grad for p in params if p.grad is not None])
 
 
 @contextmanager
@@ -74,11 +77,13 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def compute_loss(model: TwoTower, trial: Trial, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    image_features, text_features = model(images, tokens)
+def compute_loss(
+    trial: Trial, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     if trial.config.loss.kind == "softmax":
-        return softmax_loss(image_features, text_features, model.logit_scale())
-    return sigmoid_loss(image_features, text_features, model.logit_scale(), model.bias)
+        return softmax_loss(image_features, text_features, scale)
+    return sigmoid_loss(image_features, text_features, scale, bias)
 
 
 def run_trial(trial_dir: str, backend: str = "local", stop: threading.Event | None = None) -> dict[str, Any]:
@@ -124,6 +129,8 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
     }
     optimizer = make_optimizer(model, cfg.optim, derived.lr)
     spikes = SpikeDetector(cfg.monitor.spike_threshold, cfg.monitor.spike_window)
+    loss_spikes = SpikeDetector(cfg.monitor.spike_threshold, cfg.monitor.spike_window)
+    updates = UpdateNorm(params)
     tokenizer = HashTokenizer(cfg.model.vocab_size, cfg.model.context_length)
     dataset = make_dataset(cfg.data, cfg.train.seed)
     eval_batch = dataset.eval_set()
@@ -135,6 +142,7 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         spikes.load_state_dict(ckpt["spikes"])
+        loss_spikes.load_state_dict(ckpt["loss_spikes"])
         torch.set_rng_state(ckpt["rng"])
         start, wall_before = int(ckpt["step"]), float(ckpt["wall_s"])
         store.truncate_after(start)
@@ -151,6 +159,7 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "spikes": spikes.state_dict(),
+            "loss_spikes": loss_spikes.state_dict(),
             "rng": torch.get_rng_state(),
             "wall_s": elapsed(),
         }
@@ -171,6 +180,7 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
 
     diverged = False
     batch_size = cfg.train.batch_size
+    extended = cfg.monitor.extended
     for step in range(start + 1, derived.steps + 1):
         t0 = time.perf_counter()
         lr = lr_at(step, derived, cfg.optim.schedule)
@@ -179,27 +189,39 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
         batch = dataset.train_batch(step, batch_size)
         images, tokens = batch.images.to(device), tokenizer(batch.captions).to(device)
 
-        loss = compute_loss(model, trial, images, tokens)
+        image_features, text_features = model(images, tokens)
+        scale = model.logit_scale()
+        loss = compute_loss(trial, image_features, text_features, scale, model.bias)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # Norms before any clipping: the spike record must show what the optimiser was handed.
-        norm = grad_norm(params)
+        norm_now = grad_norm(params)
         loss_value = loss.item()
-        is_spike, ratio = spikes.update(norm)
+        is_spike, ratio = spikes.update(norm_now)
+        is_loss_spike, loss_ratio = loss_spikes.update(loss_value)
         row = {
             "step": step,
             "examples_seen": step * batch_size,
             "loss": loss_value,
-            "grad_norm": norm,
-            "grad_norm_image": grad_norm(tower_params["image"]),
-            "grad_norm_text": grad_norm(tower_params["text"]),
+            "grad_norm": norm_now,
             "lr": lr,
-            "temperature": model.logit_scale().item(),
+            "temperature": scale.item(),
             "bias": None if model.bias is None else model.bias.item(),
             "is_spike": is_spike,
             "spike_ratio": ratio,
+            "is_loss_spike": is_loss_spike,
+            "loss_spike_ratio": loss_ratio,
         }
-        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+        if extended:
+            positive, negative = logit_means(image_features, text_features, scale, model.bias)
+            row.update(
+                grad_norm_image=grad_norm(tower_params["image"]),
+                grad_norm_text=grad_norm(tower_params["text"]),
+                logit_pos_mean=positive,
+                logit_neg_mean=negative,
+                adam_staleness=adam_staleness(optimizer),
+            )
+        if not (math.isfinite(loss_value) and math.isfinite(norm_now)):
             row["step_time_s"] = time.perf_counter() - t0
             rows.append(row)
             flush()
@@ -207,7 +229,12 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
             break
         if cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        if extended:
+            updates.snapshot()
         optimizer.step()
+        if extended:
+            row["update_norm"] = updates.measure()
+            row["param_norm"] = norm([p.detach() for p in params])
         row["step_time_s"] = time.perf_counter() - t0
         rows.append(row)
 
@@ -232,7 +259,7 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
                            **evaluate(model, dataset, eval_batch, tokenizer, device)})
     store.compact_metrics()
     summary = summarize(store.metrics(), store.evals(), derived, diverged, elapsed(),
-                        len(dataset.classes))
+                        len(dataset.classes), cfg.monitor.spike_window)
     atomic_write_json(store.summary_path, summary)
     error = str(DivergedError(step, "non-finite loss or gradient norm")) if diverged else None
     store.update_state(

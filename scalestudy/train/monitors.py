@@ -7,6 +7,8 @@ import statistics
 from collections import deque
 from typing import Any
 
+import torch
+
 
 class SpikeDetector:
     """Flags a value above `threshold` × the running median of the previous `window` values.
@@ -39,3 +41,69 @@ class SpikeDetector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = deque(state["history"], maxlen=self.window)
+
+
+def norm(tensors: list[torch.Tensor]) -> float:
+    """The global L2 norm of a list of tensors (0 for an empty list)."""
+    if not tensors:
+        return 0.0
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])).item()
+
+
+@torch.no_grad()
+def logit_means(
+    image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> tuple[float, float]:
+    """Mean positive (diagonal) and negative (off-diagonal) logit t·xᵢ·yⱼ + b, without the B×B matrix.
+
+    The sum of all logits factorises: Σᵢⱼ xᵢ·yⱼ = (Σᵢ xᵢ)·(Σⱼ yⱼ), so this costs O(B·D).
+    """
+    batch = image_features.shape[0]
+    b = 0.0 if bias is None else bias.item()
+    t = scale.item()
+    diagonal = (image_features * text_features).sum().item()
+    total = (image_features.sum(0) @ text_features.sum(0)).item()
+    positive = t * diagonal / batch + b
+    negative = t * (total - diagonal) / max(1, batch * batch - batch) + b
+    return positive, negative
+
+
+@torch.no_grad()
+def adam_staleness(optimizer: torch.optim.Optimizer) -> float | None:
+    """max over parameter tensors of RMS(g² / v̂), with v̂ Adam's bias-corrected second moment
+    *before* this step's update.
+
+    Wortsman et al. 2023 ("Stable and low-precision training for large-scale vision-language
+    models", §3.4) find loss spikes follow this going far above 1 a few steps earlier: the
+    second-moment estimate is stale (too small) for the gradient it is about to scale. None on the
+    first step, when there is no estimate yet.
+    """
+    worst: float | None = None
+    for group in optimizer.param_groups:
+        beta2 = group["betas"][1]
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if param.grad is None or not state or "exp_avg_sq" not in state:
+                continue
+            step = float(state["step"])
+            v_hat = state["exp_avg_sq"] / (1 - beta2**step)
+            rms = (param.grad.square() / (v_hat + group["eps"] ** 2)).mean().sqrt().item()
+            worst = rms if worst is None else max(worst, rms)
+    return worst
+
+
+class UpdateNorm:
+    """Norm of the change an optimiser step makes to the parameters (snapshot before, diff after)."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = params
+        self.before: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        self.before = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def measure(self) -> float:
+        return norm([p.detach() - b for p, b in zip(self.params, self.before)])

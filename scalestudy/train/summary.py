@@ -12,9 +12,29 @@ from scalestudy.expand import Derived
 FINAL_LOSS_STEPS = 10
 
 
+def steps_to_recover(losses: list[float], spike_steps: list[int], first_step: int, window: int) -> int | None:
+    """The longest time, over grad-norm spikes, until the loss is back at or below its pre-spike level.
+
+    The pre-spike level is the median loss over the `window` steps before the spike (one step's
+    loss is too noisy a reference). None when there is no spike; a spike the loss never recovers
+    from counts as the steps left until the end.
+    """
+    worst: int | None = None
+    for spike in spike_steps:
+        i = spike - first_step
+        before = sorted(losses[max(0, i - window):i])
+        if not before:
+            continue
+        level = before[len(before) // 2]
+        after = losses[i + 1:]
+        recovered = next((k + 1 for k, loss in enumerate(after) if loss <= level), len(after))
+        worst = recovered if worst is None else max(worst, recovered)
+    return worst
+
+
 def summarize(
     metrics: pl.DataFrame, evals: pl.DataFrame, derived: Derived, diverged: bool, wall_s: float,
-    num_classes: int,
+    num_classes: int, spike_window: int,
 ) -> dict[str, Any]:
     steps_done = metrics.height
     tail = metrics.tail(FINAL_LOSS_STEPS)["loss"] if steps_done else pl.Series([], dtype=pl.Float64)
@@ -41,6 +61,13 @@ def summarize(
             else None
         ),
         "first_spike_step": int(spikes["step"].min()) if spikes.height else None,
+        "spike_rate_per_1k": 1000 * spikes.height / steps_done if steps_done else None,
+        "loss_spike_count": int(metrics["is_loss_spike"].sum()) if steps_done else 0,
+        "steps_to_recover": (
+            steps_to_recover(metrics["loss"].to_list(), spikes["step"].to_list(),
+                             int(metrics["step"][0]), spike_window)
+            if spikes.height else None
+        ),
         "diverged": diverged,
         "wall_s": wall_s,
         "samples_per_s": steps_done * batch / step_time if step_time > 0 else None,

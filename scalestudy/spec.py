@@ -167,8 +167,20 @@ class MonitorSpec(Spec):
 
 
 class ResourcesSpec(Spec):
-    cpus: PositiveInt = Field(1, description="CPU cores per trial; torch uses this many threads.")
-    gpus: int = Field(0, ge=0, description="GPUs per trial.")
+    cpus: PositiveInt = Field(
+        1, description="CPU cores per trial, shared by its ranks; torch threads = cpus // ranks."
+    )
+    gpus: int = Field(
+        0, ge=0, description="GPUs per trial; more than one runs data-parallel, one rank per GPU (NCCL)."
+    )
+    workers: PositiveInt = Field(
+        1, description="Data-parallel CPU ranks (gloo) when gpus is 0; the global batch is split."
+    )
+
+    @property
+    def world_size(self) -> int:
+        """Data-parallel ranks: one per GPU, else resources.workers."""
+        return self.gpus if self.gpus > 0 else self.workers
 
 
 class TrialConfig(Spec):
@@ -183,6 +195,16 @@ class TrialConfig(Spec):
     resources: ResourcesSpec = Field(
         default_factory=ResourcesSpec, description="What one trial needs (not part of its identity)."
     )
+
+    @model_validator(mode="after")
+    def _batch_splits_over_ranks(self) -> TrialConfig:
+        ranks = self.resources.world_size
+        if self.train.batch_size % ranks:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} must divide evenly over {ranks} "
+                "data-parallel ranks (resources.gpus, or resources.workers without GPUs)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _patches_tile_image(self) -> TrialConfig:

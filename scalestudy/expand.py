@@ -36,7 +36,9 @@ class Derived(BaseModel):
     lr: float = Field(description="optim.lr scaled by optim.lr_scaling for this batch size.")
     warmup_steps: int = Field(description="round(optim.warmup_fraction × steps).")
     temperature_init: float = Field(description="Initial logit scale t.")
-    bias_init: float | None = Field(description="Initial sigmoid bias b; None for softmax.")
+    bias_init: float | None = Field(
+        description="Initial sigmoid bias b; None for softmax and for sigmoid with use_bias=false."
+    )
 
 
 class Trial(BaseModel):
@@ -65,9 +67,15 @@ def derive(config: TrialConfig) -> Derived:
     lr = config.optim.lr * (batch / config.optim.lr_reference_batch) ** exponent
     kind = config.loss.kind
     temperature = config.loss.temperature_init or DEFAULT_TEMPERATURE[kind]
-    bias = None
-    if kind == "sigmoid":
-        bias = DEFAULT_SIGMOID_BIAS if config.loss.bias_init is None else config.loss.bias_init
+    bias: float | None = None
+    if kind == "sigmoid" and config.loss.use_bias:
+        rule = config.loss.bias_init
+        if rule is None:
+            bias = DEFAULT_SIGMOID_BIAS
+        elif rule == "neg_log_batch":
+            bias = -math.log(batch)
+        else:
+            bias = float(rule)
     return Derived(
         steps=steps,
         examples_seen=steps * batch,

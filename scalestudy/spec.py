@@ -79,10 +79,32 @@ class LossSpec(Spec):
         description="Initial logit scale t (the multiplier 1/τ, not log t). Default per paper: "
         "softmax 1/0.07 (CLIP §2.5), sigmoid 10 (SigLIP §3.2, t' = log 10).",
     )
-    bias_init: float | None = Field(
+    bias_init: float | Literal["neg_log_batch"] | None = Field(
         None,
-        description="Initial logit bias b of the sigmoid loss. Default −10 (SigLIP §3.2). "
-        "Not allowed for softmax, which has no bias.",
+        description="Initial logit bias b of the sigmoid loss: a number, or neg_log_batch for "
+        "b = −log(batch size) (proposed for open_clip so the initial loss is balanced at any "
+        "batch size). Default −10 (SigLIP §3.2). Not allowed for softmax, which has no bias.",
+    )
+    use_bias: bool = Field(
+        True, description="Sigmoid loss with a learnable bias b; false fixes b = 0 (no-bias variant)."
+    )
+    negative_weight: float | Literal["balanced"] | None = Field(
+        None,
+        description="Sigmoid loss: weight on each negative pair's term (default 1). balanced = "
+        "1/(B−1), so the B positives and B(B−1) negatives weigh the same in total — a bias-free "
+        "answer to the imbalance SigLIP's bias init addresses (§3.2).",
+    )
+    negative_mask_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Sigmoid loss: fraction of negative pairs dropped at random each step "
+        "(SigLIP §4.7's positive:negative ratio study); seeded by train.seed and the step.",
+    )
+    chunk_size: PositiveInt | None = Field(
+        None,
+        description="Compute the loss in blocks of this many columns, never forming the B×B "
+        "logits (same values and gradients; for large batches).",
     )
     learn_temperature: bool = Field(True, description="Whether t is trained (as log t).")
     max_temperature: float = Field(
@@ -90,11 +112,23 @@ class LossSpec(Spec):
     )
 
     @model_validator(mode="after")
-    def _bias_only_for_sigmoid(self) -> LossSpec:
-        if self.kind == "softmax" and self.bias_init is not None:
+    def _sigmoid_options_only_for_sigmoid(self) -> LossSpec:
+        if self.kind == "softmax":
+            for key, value, default in (
+                ("bias_init", self.bias_init, None),
+                ("use_bias", self.use_bias, True),
+                ("negative_weight", self.negative_weight, None),
+                ("negative_mask_ratio", self.negative_mask_ratio, 0.0),
+            ):
+                if value != default:
+                    raise ValueError(
+                        f"loss.{key}={value} only applies to loss.kind=sigmoid; remove it or "
+                        "use loss.kind=sigmoid"
+                    )
+        if not self.use_bias and self.bias_init is not None:
             raise ValueError(
-                f"loss.bias_init={self.bias_init} is set but loss.kind=softmax has no bias; "
-                "remove loss.bias_init or use loss.kind=sigmoid"
+                f"loss.bias_init={self.bias_init} is set but loss.use_bias=false fixes b = 0; "
+                "remove one of them"
             )
         return self
 

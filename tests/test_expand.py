@@ -100,3 +100,13 @@ def test_loss_inits_default_to_the_papers_values():
     sigmoid = derive(TrialConfig(loss={"kind": "sigmoid"}))
     assert softmax.temperature_init == pytest.approx(1 / 0.07) and softmax.bias_init is None
     assert sigmoid.temperature_init == 10 and sigmoid.bias_init == -10
+
+
+@pytest.mark.parametrize("batch", [16, 1024])
+def test_a_neg_log_batch_bias_init_is_minus_the_log_of_the_batch_size(batch):
+    derived = derive(TrialConfig(train={"batch_size": batch}, loss={"bias_init": "neg_log_batch"}))
+    assert derived.bias_init == pytest.approx(-math.log(batch))
+
+
+def test_a_sigmoid_loss_without_bias_has_no_bias_init():
+    assert derive(TrialConfig(loss={"use_bias": False})).bias_init is None

@@ -45,7 +45,23 @@ def test_an_unknown_loss_kind_says_which_kinds_exist():
 
 def test_a_bias_init_on_the_softmax_loss_is_rejected_because_it_has_no_bias():
     message = errors_of({"name": "x", "base": {"loss": {"kind": "softmax", "bias_init": -10}}})
-    assert "loss.bias_init" in message and "softmax" in message
+    assert "loss.bias_init" in message and "only applies to loss.kind=sigmoid" in message
+
+
+@pytest.mark.parametrize("option", [{"use_bias": False}, {"negative_weight": "balanced"},
+                                    {"negative_mask_ratio": 0.5}])
+def test_sigmoid_only_loss_options_are_rejected_for_softmax(option):
+    message = errors_of({"name": "x", "base": {"loss": {"kind": "softmax", **option}}})
+    assert f"loss.{next(iter(option))}" in message
+
+
+def test_a_bias_init_without_a_bias_is_rejected():
+    message = errors_of({"name": "x", "base": {"loss": {"use_bias": False, "bias_init": -5}}})
+    assert "loss.use_bias=false" in message
+
+
+def test_an_unknown_bias_init_rule_is_rejected():
+    assert "base.loss.bias_init" in errors_of({"name": "x", "base": {"loss": {"bias_init": "log"}}})
 
 
 def test_heads_must_divide_the_width():

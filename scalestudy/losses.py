@@ -1,28 +1,425 @@
-"""Contrastive image–text losses as pure functions.
+"""Contrastive image–text losses as pure functions: CLIP's softmax and SigLIP's sigmoid.
 
-Both take L2-normalised features of shape (B, D) where row i of each is a positive pair, and the
-logit scale t as the multiplier itself (not log t).
+All take L2-normalised features of shape (B, D), row i of each being a positive pair, and the
+logit scale t as the multiplier itself (not log t). Each loss has two forms with the same value
+and gradients (wrt both features, t and b):
+
+- the naive formula (``chunk_size=None``): the B×B logits through plain autograd, the reference;
+- the tiled form (``chunk_size=c``): logits in tiles of at most c×c, never the whole B×B matrix.
+  One custom autograd Function computes the value *and* the gradients tile by tile in forward
+  (three B×D×B matrix products in all, as many as the naive forward + backward) and keeps only
+  the B×D gradients; backward scales them by the incoming gradient. Recomputing the tiles in
+  backward instead would cost a fourth product, a floor of 4/3 on the time of the bare products
+  (benchmarks/README.md, ## Losses). The loss is a scalar at the end of the graph, so the early
+  gradient work is wasted only if backward never runs: it is done only when autograd records
+  (grad enabled and an input requires grad). Tiles are computed in float32, or float64 for
+  float64 inputs, and the results cast back to the inputs' dtypes. First-order gradients only.
+
+`sigmoid_tiles`, `softmax_tiles`, `Negatives` and `TileGrads` are the building blocks the
+data-parallel forms in scalestudy.distributed_losses reuse; the public API is ``__all__``.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx, once_differentiable
 
-__all__ = ["softmax_loss", "sigmoid_loss"]
+__all__ = ["softmax_loss", "sigmoid_loss", "negative_mask", "NegativeWeight"]
+
+NegativeWeight = float | Literal["balanced"] | None
+
+_M32 = 0xFFFFFFFF
+
+
+# --- which negatives count, and how much ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Negatives:
+    """How the sigmoid loss weighs its negative pairs (i ≠ j); positives always weigh 1.
+
+    Each negative term is multiplied by ``weight``; with ``mask_ratio`` > 0 each negative pair is
+    also dropped with that probability, decided by a hash of (seed, i, j) over *global* indices,
+    so every tiling and every data-parallel split drops the same pairs.
+    """
+
+    weight: float = 1.0
+    mask_ratio: float = 0.0
+    seed: int = 0
+
+    @property
+    def plain(self) -> bool:
+        return self.weight == 1.0 and self.mask_ratio == 0.0
+
+
+def resolve_negatives(
+    batch_size: int,
+    negative_weight: NegativeWeight,
+    negative_mask_ratio: float,
+    generator: torch.Generator | None,
+) -> Negatives:
+    """The sigmoid loss's negative-pair options as numbers; draws the mask seed if masking."""
+    if negative_weight == "balanced":
+        weight = 1.0 / max(batch_size - 1, 1)
+    elif negative_weight is None:
+        weight = 1.0
+    elif isinstance(negative_weight, str) or not (math.isfinite(negative_weight) and negative_weight >= 0):
+        raise ValueError(
+            f"negative_weight={negative_weight!r}: use a finite number >= 0, 'balanced' or None"
+        )
+    else:
+        weight = float(negative_weight)
+    if not 0.0 <= negative_mask_ratio < 1.0:
+        raise ValueError(f"negative_mask_ratio={negative_mask_ratio}: use a fraction in [0, 1)")
+    if negative_mask_ratio == 0.0:
+        return Negatives(weight)
+    # One draw per call: the mask is a pure function of this seed, so a generator in a known
+    # state reproduces it exactly, and the RNG is untouched when nothing is masked.
+    seed = int(torch.randint(0, 2**32, (), generator=generator))
+    return Negatives(weight, negative_mask_ratio, seed)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x · c) mod 2³² for x in [0, 2³²), in 16-bit halves so int64 never overflows."""
+    low, high = x & 0xFFFF, x >> 16
+    return (low * c + (((high * c) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: a bijection whose output bits each depend on every input bit."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _kept_pairs(rows: torch.Tensor, cols: torch.Tensor, negatives: Negatives) -> torch.Tensor:
+    """Bool tile: whether pair (rows[a], cols[b]) survives masking (its hash clears the ratio)."""
+    row_keys = _fmix32(rows ^ negatives.seed)
+    hashed = _fmix32(row_keys.unsqueeze(1) ^ cols.unsqueeze(0))
+    return hashed >= int(negatives.mask_ratio * 2**32)
+
+
+def _pair_weights(
+    row_start: int, n_rows: int, col_start: int, n_cols: int, negatives: Negatives,
+    dtype: torch.dtype, device: torch.device,
+) -> torch.Tensor | None:
+    """Weights of the pairs of global rows/columns [start, start+n); None when all are 1."""
+    if negatives.plain:
+        return None
+    weights = torch.full((n_rows, n_cols), negatives.weight, dtype=dtype, device=device)
+    if negatives.mask_ratio > 0:
+        rows = torch.arange(row_start, row_start + n_rows, device=device)
+        cols = torch.arange(col_start, col_start + n_cols, device=device)
+        weights.mul_(_kept_pairs(rows, cols, negatives))
+    torch.diagonal(weights, row_start - col_start).fill_(1.0)
+    return weights
+
+
+def negative_mask(
+    batch_size: int, ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The B×B bool matrix of pairs `sigmoid_loss(..., negative_mask_ratio=ratio)` keeps.
+
+    Given a generator in the same state, this is exactly the mask the loss applies (positives are
+    always kept). For inspection and tests; the tiled loss computes it tile by tile instead.
+    """
+    negatives = resolve_negatives(batch_size, None, ratio, generator)
+    weights = _pair_weights(0, batch_size, 0, batch_size, negatives, torch.float32, torch.device("cpu"))
+    return torch.ones(batch_size, batch_size, dtype=torch.bool) if weights is None else weights > 0
+
+
+# --- tiled kernels ----------------------------------------------------------------------------
+
+
+@dataclass
+class TileGrads:
+    """Raw gradient sums of Σ_ij G_ij · f(s_ij) where s_ij = t xᵢ·yⱼ (+ b) and G = ∂/∂s.
+
+    ``x`` accumulates G Y and ``y`` accumulates Gᵀ X; the feature gradients are t times these,
+    ∂/∂t is Σ X ∘ (G Y) (so it needs no B×B work) and ∂/∂b is Σ G.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    logits: torch.Tensor
+
+    @classmethod
+    def zeros(cls, x: torch.Tensor, y: torch.Tensor) -> TileGrads:
+        return cls(torch.zeros_like(x), torch.zeros_like(y), x.new_zeros(()))
+
+    def add(self, g: torch.Tensor, x: torch.Tensor, y: torch.Tensor, i0: int, j0: int) -> None:
+        self.x[i0:i0 + g.shape[0]].addmm_(g, y)
+        self.y[j0:j0 + g.shape[1]].addmm_(g.t(), x)
+        self.logits += g.sum()
+
+
+def _tiles(n: int, m: int, chunk: int) -> list[tuple[int, int, int, int]]:
+    """(i0, i1, j0, j1) of the tiles of an n×m matrix, column chunk by column chunk."""
+    return [(i0, min(i0 + chunk, n), j0, min(j0 + chunk, m))
+            for j0 in range(0, m, chunk) for i0 in range(0, n, chunk)]
+
+
+def _tile_logits(
+    buffer: torch.Tensor, xt: torch.Tensor, y: torch.Tensor, tile: tuple[int, int, int, int]
+) -> torch.Tensor:
+    """t · x[i0:i1] @ y[j0:j1]ᵀ written into the one reused buffer (no allocation per tile)."""
+    i0, i1, j0, j1 = tile
+    out = buffer[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+    return torch.mm(xt[i0:i1], y[j0:j1].t(), out=out)
+
+
+def sigmoid_tiles(
+    x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, b: torch.Tensor | None,
+    row_start: int, col_start: int, negatives: Negatives, chunk: int, grads: TileGrads | None,
+) -> torch.Tensor:
+    """Σ_ij w_ij · −log σ(z_ij (t xᵢ·yⱼ + b)) over x's rows and y's rows, un-normalised.
+
+    x and y hold the global rows [row_start, …) and [col_start, …); z_ij = +1 where the global
+    indices agree (positives), −1 elsewhere (SigLIP, Zhai et al. 2023, Algorithm 1). Adds the
+    raw gradients into ``grads`` when given: ∂/∂s_ij = w_ij σ(s_ij) − [i = j], since
+    −log σ(−s) = softplus(s) for negatives and −log σ(s) = softplus(s) − s for positives.
+    Peak memory: two chunk×chunk tiles (three with re-weighted or masked negatives).
+    """
+    xt = x * t
+    buffer = x.new_empty(min(chunk, x.shape[0]) * min(chunk, y.shape[0]))
+    total = x.new_zeros(())
+    for tile in _tiles(x.shape[0], y.shape[0], chunk):
+        i0, i1, j0, j1 = tile
+        s = _tile_logits(buffer, xt, y, tile)
+        if b is not None:
+            s.add_(b)
+        positives = torch.diagonal(s, (row_start + i0) - (col_start + j0))
+        weights = _pair_weights(row_start + i0, i1 - i0, col_start + j0, j1 - j0, negatives,
+                                s.dtype, s.device)
+        terms = F.softplus(s)
+        total += (terms if weights is None else terms.mul_(weights)).sum() - positives.sum()
+        if grads is None:
+            continue
+        g = s.sigmoid_()  # in place: `positives` now views σ(s_ii), whose weight is 1
+        if weights is not None:
+            g.mul_(weights)
+        positives.sub_(1.0)
+        grads.add(g, x[i0:i1], y[j0:j1], i0, j0)
+    return total
+
+
+def _online_logsumexp(
+    running_max: torch.Tensor, running_sum: torch.Tensor, s: torch.Tensor, dim: int,
+    scratch: torch.Tensor,
+) -> None:
+    """Fold one tile into a running log-sum-exp along ``dim`` (Milakov & Gimelshein 2018).
+
+    The state (max m, Σ exp(s − m)) is rescaled whenever a tile raises the max, so no exp
+    overflows and the B×B logits never exist at once.
+    """
+    new_max = torch.maximum(running_max, s.amax(dim))
+    running_sum.mul_((running_max - new_max).exp_())
+    shifted = torch.sub(s, new_max.unsqueeze(dim), out=scratch[: s.numel()].view_as(s))
+    running_sum.add_(shifted.exp_().sum(dim))
+    running_max.copy_(new_max)
+
+
+def softmax_tiles(
+    x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, row_start: int, col_start: int,
+    over_rows: bool, over_cols: bool, chunk: int, grads: TileGrads | None,
+) -> torch.Tensor:
+    """Sums of softmax cross-entropies of s = t X Yᵀ, un-normalised, streamed over tiles.
+
+    ``over_rows``: each row of x against all of y (image→text when x are images);
+    ``over_cols``: each row of y against all of x. Positives are the pairs whose global indices
+    (x from row_start, y from col_start) agree; every row (column) needs its positive present.
+    Pass 1 keeps an online log-sum-exp per row and per column; pass 2 recomputes each tile for
+    the gradient ∂/∂s_ij = softmax_row(s)_ij + softmax_col(s)_ij − 2[i = j] (one term per
+    direction asked for). Peak memory: two chunk×chunk tiles plus O(B) statistics.
+    """
+    xt = x * t
+    n, m = x.shape[0], y.shape[0]
+    buffer = x.new_empty(min(chunk, n) * min(chunk, m))
+    scratch = torch.empty_like(buffer)
+    row_max, row_sum = x.new_full((n,), -math.inf), x.new_zeros(n)
+    col_max, col_sum = x.new_full((m,), -math.inf), x.new_zeros(m)
+    tiles = _tiles(n, m, chunk)
+    for tile in tiles:
+        i0, i1, j0, j1 = tile
+        s = _tile_logits(buffer, xt, y, tile)
+        if over_rows:
+            _online_logsumexp(row_max[i0:i1], row_sum[i0:i1], s, 1, scratch)
+        if over_cols:
+            _online_logsumexp(col_max[j0:j1], col_sum[j0:j1], s, 0, scratch)
+    row_lse, col_lse = row_max + row_sum.log(), col_max + col_sum.log()
+
+    # Positive logits straight from the paired rows: O(B·D), no tile needed.
+    lo, hi = max(row_start, col_start), min(row_start + n, col_start + m)
+    positives = (xt[lo - row_start:hi - row_start] * y[lo - col_start:hi - col_start]).sum()
+    total = x.new_zeros(())
+    if over_rows:
+        total += row_lse.sum() - positives
+    if over_cols:
+        total += col_lse.sum() - positives
+    if grads is None:
+        return total
+
+    for tile in tiles:
+        i0, i1, j0, j1 = tile
+        s = _tile_logits(buffer, xt, y, tile)
+        if over_rows and over_cols:
+            from_rows = torch.sub(s, row_lse[i0:i1, None], out=scratch[: s.numel()].view_as(s))
+            g = s.sub_(col_lse[None, j0:j1]).exp_().add_(from_rows.exp_())
+        elif over_rows:
+            g = s.sub_(row_lse[i0:i1, None]).exp_()
+        else:
+            g = s.sub_(col_lse[None, j0:j1]).exp_()
+        torch.diagonal(g, (row_start + i0) - (col_start + j0)).sub_(int(over_rows) + int(over_cols))
+        grads.add(g, x[i0:i1], y[j0:j1], i0, j0)
+    return total
+
+
+# --- the autograd glue ------------------------------------------------------------------------
+
+
+class LossAndGrads(NamedTuple):
+    """A loss value and, when asked for, its gradients shaped and typed like the inputs."""
+
+    loss: torch.Tensor
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Tiles run in float32, or float64 for float64 inputs: low-precision sums drift."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def as_scalar(value: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if value is None else value.detach().reshape(()).to(dtype)
+
+
+def finish_grads(
+    raw: TileGrads, x: torch.Tensor, t: torch.Tensor, like: tuple[torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor | None], norm: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Turn raw tile sums into ∂loss/∂(x, y, t, b) for loss = Σ / norm, typed like ``like``."""
+    x_like, y_like, t_like, b_like = like
+    grad_x = (raw.x * (t / norm)).to(x_like.dtype)
+    grad_y = (raw.y * (t / norm)).to(y_like.dtype)
+    grad_t = ((x * raw.x).sum() / norm).reshape(t_like.shape).to(t_like.dtype)
+    grad_b = None if b_like is None else (raw.logits / norm).reshape(b_like.shape).to(b_like.dtype)
+    return grad_x, grad_y, grad_t, grad_b
+
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool], LossAndGrads]
+
+
+class _GradientsInForward(torch.autograd.Function):
+    """Runs a kernel that returns the value and its gradients; backward only scales them."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, kernel: Kernel, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+        b: torch.Tensor | None,
+    ) -> torch.Tensor:
+        result = kernel(x, y, t, b, True)
+        ctx.grads = result[1:]  # type: ignore[attr-defined]
+        return result.loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return (None, *(None if g is None else grad * g for g in ctx.grads))
+
+
+def records_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record an op on these tensors (so a backward may follow)."""
+    return torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
+
+
+def _apply(kernel: Kernel, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if records_grad(x, y, t, b):
+        return _GradientsInForward.apply(kernel, x, y, t, b)
+    return kernel(x, y, t, b, False).loss
+
+
+def _sigmoid_kernel(
+    x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, b: torch.Tensor | None, need_grad: bool,
+    *, negatives: Negatives, chunk: int,
+) -> LossAndGrads:
+    dtype = compute_dtype(x)
+    xc, yc = x.to(dtype), y.to(dtype)
+    tc, bc = as_scalar(t, dtype), as_scalar(b, dtype)
+    raw = TileGrads.zeros(xc, yc) if need_grad else None
+    total = sigmoid_tiles(xc, yc, tc, bc, 0, 0, negatives, chunk, raw)
+    loss = (total / x.shape[0]).to(x.dtype)
+    if raw is None:
+        return LossAndGrads(loss)
+    return LossAndGrads(loss, *finish_grads(raw, xc, tc, (x, y, t, b), x.shape[0]))
+
+
+def _softmax_kernel(
+    x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, b: None, need_grad: bool, *, chunk: int,
+) -> LossAndGrads:
+    dtype = compute_dtype(x)
+    xc, yc, tc = x.to(dtype), y.to(dtype), as_scalar(t, dtype)
+    raw = TileGrads.zeros(xc, yc) if need_grad else None
+    total = softmax_tiles(xc, yc, tc, 0, 0, True, True, chunk, raw)
+    norm = 2 * x.shape[0]  # the mean of two directions' means
+    loss = (total / norm).to(x.dtype)
+    if raw is None:
+        return LossAndGrads(loss)
+    return LossAndGrads(loss, *finish_grads(raw, xc, tc, (x, y, t, None), norm))
+
+
+# --- the public losses ------------------------------------------------------------------------
+
+
+def check_features(image_features: torch.Tensor, text_features: torch.Tensor, chunk_size: int | None) -> None:
+    if image_features.ndim != 2 or image_features.shape != text_features.shape:
+        raise ValueError(
+            f"features must be two (B, D) matrices of the same shape; got image "
+            f"{tuple(image_features.shape)} and text {tuple(text_features.shape)}"
+        )
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: use a positive number of rows/columns, or None")
 
 
 def softmax_loss(
-    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE loss (Radford et al. 2021, Fig. 3 pseudo-code).
+    """CLIP's symmetric InfoNCE loss (Radford et al. 2021, §2.3 and Fig. 3 pseudo-code).
 
     The mean of the image→text and text→image cross-entropies over the B×B logits
-    ``t · I Tᵀ`` with the diagonal as targets. Memory: the B×B logits, twice (forward + grad).
+    ``t · I Tᵀ`` with the diagonal as targets.
+
+    ``chunk_size=None``: the naive formula; peak memory a handful of B×B tensors (logits, two
+    log-softmaxes and their gradients). ``chunk_size=c``: streaming softmax — an online
+    log-sum-exp over c×c tiles for both directions, then a second pass over the tiles for the
+    gradients; peak memory two c×c tiles plus the B×D gradients; same value and gradients.
+
+    >>> x = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
+    >>> bool(torch.isclose(softmax_loss(x, x, torch.tensor(10.0)),
+    ...                    softmax_loss(x, x, torch.tensor(10.0), chunk_size=3)))
+    True
     """
-    logits = logit_scale * image_features @ text_features.t()
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    check_features(image_features, text_features, chunk_size)
+    if chunk_size is None:
+        logits = logit_scale * image_features @ text_features.t()
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    kernel = functools.partial(_softmax_kernel, chunk=chunk_size)
+    return _apply(kernel, image_features, text_features, torch.as_tensor(logit_scale), None)
 
 
 def sigmoid_loss(
@@ -30,16 +427,51 @@ def sigmoid_loss(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    *,
+    negative_weight: NegativeWeight = None,
+    negative_mask_ratio: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, Algorithm 1).
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, §3.1 and Algorithm 1).
 
-    ``-Σ_ij log σ(z_ij (t xᵢ·yⱼ + b)) / B`` with z_ij = +1 on the diagonal and −1 elsewhere: every
-    pair is an independent binary problem, normalised by the batch size B (not B²).
-    ``logit_bias=None`` is the bias-free variant (b = 0). Memory: the B×B logits.
+    ``Σ_ij w_ij · −log σ(z_ij (t xᵢ·yⱼ + b)) / B`` with z_ij = +1 on the diagonal and −1
+    elsewhere: every pair is an independent binary problem, normalised by the batch size B (not
+    B²). Positives weigh w_ii = 1; each negative weighs w_ij = ``negative_weight``, times 0 if
+    masked.
+
+    - ``logit_bias=None``: the bias-free variant (b = 0).
+    - ``negative_weight``: None (1, the paper's loss), a number ≥ 0, or ``"balanced"`` = 1/(B−1),
+      so the B positive and B(B−1) negative terms weigh the same in total. SigLIP §3.2 explains
+      that the many negatives dominate the loss at the start and counters it with the bias init
+      b = −10; re-weighting is the bias-free answer to the same imbalance.
+    - ``negative_mask_ratio`` = r: each negative pair is dropped (w_ij = 0) with probability r,
+      independently per pair; the sum stays normalised by B. This is SigLIP §4.7's study of the
+      positive:negative ratio. The mask is a hash of one seed drawn from ``generator`` (the
+      global RNG if None) and the pair's indices, so it is deterministic given the generator's
+      state, identical for every ``chunk_size``, and shown by `negative_mask`.
+
+    ``chunk_size=None``: the naive formula; peak memory a handful of B×B tensors.
+    ``chunk_size=c``: the chunked sigmoid — c×c tiles, value and gradients together (see the
+    module docstring); peak memory two c×c tiles (three with weighted or masked negatives) plus
+    the B×D gradients; same value and gradients.
+
+    >>> x = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
+    >>> t, b = torch.tensor(10.0), torch.tensor(-10.0)
+    >>> bool(torch.isclose(sigmoid_loss(x, x, t, b), sigmoid_loss(x, x, t, b, chunk_size=3)))
+    True
     """
-    logits = logit_scale * image_features @ text_features.t()
-    if logit_bias is not None:
-        logits = logits + logit_bias
-    batch = logits.shape[0]
-    signs = 2 * torch.eye(batch, device=logits.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid(signs * logits).sum() / batch
+    check_features(image_features, text_features, chunk_size)
+    batch = image_features.shape[0]
+    negatives = resolve_negatives(batch, negative_weight, negative_mask_ratio, generator)
+    if chunk_size is None:
+        logits = logit_scale * image_features @ text_features.t()
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        signs = 2 * torch.eye(batch, device=logits.device, dtype=logits.dtype) - 1
+        terms = -F.logsigmoid(signs * logits)
+        weights = _pair_weights(0, batch, 0, batch, negatives, logits.dtype, logits.device)
+        return (terms if weights is None else terms * weights).sum() / batch
+    kernel = functools.partial(_sigmoid_kernel, negatives=negatives, chunk=chunk_size)
+    bias = None if logit_bias is None else torch.as_tensor(logit_bias)
+    return _apply(kernel, image_features, text_features, torch.as_tensor(logit_scale), bias)

@@ -2,12 +2,15 @@
 
 Every executor runs this same function (through `python -m scalestudy.trial TRIAL_DIR` or
 directly), so a trial behaves the same everywhere. Batch arithmetic: step s (1-based) trains on
-batch s of the seed's stream, examples_seen = s × batch_size, and the run ends at
-derived.steps = ceil(train.examples_seen / batch_size).
+global batch s of the seed's stream (examples_seen = s × batch_size) and the run ends at
+derived.steps = ceil(train.examples_seen / batch_size). With W data-parallel ranks each rank takes
+rows [r·B/W, (r+1)·B/W) of that same global batch and the loss is computed over all B pairs, so
+the trial trains the same model as on one process.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import threading
@@ -18,21 +21,18 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from scalestudy.errors import DivergedError
 from scalestudy.expand import Trial
 from scalestudy.losses import sigmoid_loss, softmax_loss
 from scalestudy.store import TrialStore, atomic_write_json
+from scalestudy.train import ranks as rk
 from scalestudy.train.data import HashTokenizer, make_dataset
 from scalestudy.train.evaluate import evaluate
 from scalestudy.train.models import TwoTower
-from scalestudy.train.monitors import (
-    SpikeDetector,
-    UpdateNorm,
-    adam_staleness,
-    logit_means,
-    norm,
-)
+from scalestudy.train.monitors import SpikeDetector, UpdateNorm, adam_staleness, logit_means, norm
 from scalestudy.train.optim import lr_at, make_optimizer
 from scalestudy.train.summary import summarize
 
@@ -47,14 +47,6 @@ class Preempted(Exception):
 def is_due(step: int, every: int, total: int) -> bool:
     """Whether a periodic action (eval, checkpoint) runs after `step`; always after the last."""
     return step == total or (every > 0 and step % every == 0)
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but torch sees no GPU; use train.device=auto or cpu")
-    if choice == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
 
 
 def grad_norm(params: list[torch.nn.Parameter]) -> float:
@@ -79,41 +71,93 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 def compute_loss(
     trial: Trial, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias: torch.Tensor | None, distributed: bool,
 ) -> torch.Tensor:
+    """The configured loss over the global batch (the distributed forms exchange features)."""
+    if distributed:
+        from scalestudy.distributed_losses import distributed_sigmoid_loss, distributed_softmax_loss
+
+        if trial.config.loss.kind == "softmax":
+            return distributed_softmax_loss(image_features, text_features, scale)
+        return distributed_sigmoid_loss(image_features, text_features, scale, bias)
     if trial.config.loss.kind == "softmax":
         return softmax_loss(image_features, text_features, scale)
     return sigmoid_loss(image_features, text_features, scale, bias)
 
 
-def run_trial(trial_dir: str, backend: str = "local", stop: threading.Event | None = None) -> dict[str, Any]:
+def run_trial(trial_dir: str, backend: str = "local", stop: threading.Event | None = None) -> dict[str, Any] | None:
     """Train the trial in `trial_dir` to the end (or until `stop` is set); returns its summary.
 
     Raises Preempted when stopped early (a checkpoint is saved first); any other exception marks
-    the trial failed with its traceback and propagates.
+    the trial failed with its traceback and propagates. Data-parallel trials start or join their
+    ranks here (see scalestudy.train.ranks); only rank 0 returns the summary.
     """
     store = TrialStore(trial_dir)
     trial = store.read_trial()
     stop = stop or threading.Event()
-    store.start_attempt(backend)
+    scheduled = rk.from_environment()
+    world = trial.config.resources.world_size
+    if scheduled is not None and scheduled.world != world:
+        raise RuntimeError(
+            f"the scheduler started {scheduled.world} ranks but the trial asks for {world} "
+            "(resources.gpus or resources.workers)"
+        )
+    ranks = scheduled or rk.Ranks()
+    if ranks.leader:
+        store.start_attempt(backend)
     try:
         with stop_on_signals(stop):
-            return _train(store, trial, stop)
+            if scheduled is None and world > 1:
+                body = functools.partial(_rank_entry, trial_dir)
+                with rk.local_children(world, body) as init_method:
+                    return _train(store, trial, stop, rk.Ranks(0, world, 0), init_method)
+            return _train(store, trial, stop, ranks, "env://")
     except Preempted:
-        store.update_state(status="preempted")
+        if ranks.leader:
+            store.update_state(status="preempted")
         raise
     except Exception:
-        store.update_state(status="failed", error=traceback.format_exc(), finished_at=time.time())
+        if ranks.leader:
+            store.update_state(status="failed", error=traceback.format_exc(),
+                               finished_at=time.time())
         raise
 
 
-def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, Any]:
+def _rank_entry(trial_dir: str, ranks: rk.Ranks, init_method: str) -> None:
+    """A locally spawned rank ≥ 1: same loop, no store writes."""
+    store = TrialStore(trial_dir)
+    stop = threading.Event()
+    try:
+        with stop_on_signals(stop):
+            _train(store, store.read_trial(), stop, ranks, init_method)
+    except Preempted:
+        pass
+
+
+def _train(
+    store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Ranks, init_method: str,
+) -> dict[str, Any] | None:
     cfg, derived = trial.config, trial.derived
-    torch.set_num_threads(cfg.resources.cpus)
-    device = pick_device(cfg.train.device)
+    torch.set_num_threads(max(1, cfg.resources.cpus // ranks.world))
+    device = ranks.device(cfg.resources.gpus, cfg.train.device)
+    distributed = ranks.world > 1
+    if distributed:
+        rk.join(ranks, device, init_method)
+    try:
+        return _loop(store, trial, stop, ranks, device)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _loop(
+    store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Ranks, device: torch.device,
+) -> dict[str, Any] | None:
+    cfg, derived = trial.config, trial.derived
+    leader, distributed = ranks.leader, ranks.world > 1
     attempt_start = time.time()
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same init on every rank
     model = TwoTower(
         cfg.model,
         cfg.data.image_size,
@@ -122,6 +166,8 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
         cfg.loss.learn_temperature,
         cfg.loss.max_temperature,
     ).to(device)
+    # DDP averages gradients over ranks; the distributed losses are written for that convention.
+    forward = DistributedDataParallel(model) if distributed else model
     params = [p for p in model.parameters() if p.requires_grad]
     tower_params = {
         name: [p for p in getattr(model, name).parameters() if p.requires_grad]
@@ -133,7 +179,7 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
     updates = UpdateNorm(params)
     tokenizer = HashTokenizer(cfg.model.vocab_size, cfg.model.context_length)
     dataset = make_dataset(cfg.data, cfg.train.seed)
-    eval_batch = dataset.eval_set()
+    eval_batch = dataset.eval_set() if leader else None
 
     start, wall_before = 0, 0.0
     if store.checkpoint_path.exists():
@@ -145,15 +191,29 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
         loss_spikes.load_state_dict(ckpt["loss_spikes"])
         torch.set_rng_state(ckpt["rng"])
         start, wall_before = int(ckpt["step"]), float(ckpt["wall_s"])
-        store.truncate_after(start)
-    else:
+        if leader:
+            store.truncate_after(start)
+    elif leader:
         store.reset()
+
+    rows: list[dict[str, Any]] = []
+    last_flush = time.time()
 
     def elapsed() -> float:
         return wall_before + time.time() - attempt_start
 
+    def flush() -> None:
+        nonlocal last_flush
+        if rows and leader:
+            store.append_metrics(rows)
+            store.update_state(step=rows[-1]["step"], steps=derived.steps, loss=rows[-1]["loss"])
+        rows.clear()
+        last_flush = time.time()
+
     def save_checkpoint(step: int) -> None:
         flush()
+        if not leader:
+            return
         state = {
             "step": step,
             "model": model.state_dict(),
@@ -167,34 +227,32 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
         torch.save(state, tmp)
         tmp.replace(store.checkpoint_path)
 
-    rows: list[dict[str, Any]] = []
-    last_flush = time.time()
-
-    def flush() -> None:
-        nonlocal last_flush
-        if rows:
-            store.append_metrics(rows)
-            store.update_state(step=rows[-1]["step"], steps=derived.steps, loss=rows[-1]["loss"])
-            rows.clear()
-        last_flush = time.time()
+    def record_eval(step: int) -> None:
+        if leader:
+            store.append_eval({"step": step, "examples_seen": step * batch_size,
+                               **evaluate(model, dataset, eval_batch, tokenizer, device)})
 
     diverged = False
     batch_size = cfg.train.batch_size
+    local = slice(ranks.rank * batch_size // ranks.world, (ranks.rank + 1) * batch_size // ranks.world)
     extended = cfg.monitor.extended
+    step = start
     for step in range(start + 1, derived.steps + 1):
         t0 = time.perf_counter()
         lr = lr_at(step, derived, cfg.optim.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = dataset.train_batch(step, batch_size)
-        images, tokens = batch.images.to(device), tokenizer(batch.captions).to(device)
+        images = batch.images[local].to(device)
+        tokens = tokenizer(batch.captions[local]).to(device)
 
-        image_features, text_features = model(images, tokens)
+        image_features, text_features = forward(images, tokens)
         scale = model.logit_scale()
-        loss = compute_loss(trial, image_features, text_features, scale, model.bias)
+        loss = compute_loss(trial, image_features, text_features, scale, model.bias, distributed)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # Norms before any clipping: the spike record must show what the optimiser was handed.
+        # After backward the gradients are already averaged over ranks, so every rank agrees.
         norm_now = grad_norm(params)
         loss_value = loss.item()
         is_spike, ratio = spikes.update(norm_now)
@@ -213,6 +271,7 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
             "loss_spike_ratio": loss_ratio,
         }
         if extended:
+            # With several ranks these logit means cover this rank's block of the batch.
             positive, negative = logit_means(image_features, text_features, scale, model.bias)
             row.update(
                 grad_norm_image=grad_norm(tower_params["image"]),
@@ -224,7 +283,6 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
         if not (math.isfinite(loss_value) and math.isfinite(norm_now)):
             row["step_time_s"] = time.perf_counter() - t0
             rows.append(row)
-            flush()
             diverged = True
             break
         if cfg.optim.grad_clip is not None:
@@ -238,25 +296,24 @@ def _train(store: TrialStore, trial: Trial, stop: threading.Event) -> dict[str, 
         row["step_time_s"] = time.perf_counter() - t0
         rows.append(row)
 
+        if distributed and rk.any_rank(stop.is_set(), device):
+            stop.set()
         if is_due(step, cfg.train.eval_every, derived.steps):
             flush()
-            store.append_eval({"step": step, "examples_seen": step * batch_size,
-                               **evaluate(model, dataset, eval_batch, tokenizer, device)})
-        if is_due(step, cfg.train.checkpoint_every, derived.steps):
+            record_eval(step)
+        if is_due(step, cfg.train.checkpoint_every, derived.steps) or stop.is_set():
             save_checkpoint(step)
-        elif stop.is_set():
-            save_checkpoint(step)
-            raise Preempted(f"stopped at step {step}")
         elif time.time() - last_flush > FLUSH_EVERY_S:
             flush()
         if stop.is_set() and step < derived.steps:
             raise Preempted(f"stopped at step {step}")
 
     flush()
+    if not leader:
+        return None
     if diverged:
-        # The history up to the bad step is the finding; evaluate what the model was before it.
-        store.append_eval({"step": step, "examples_seen": step * batch_size,
-                           **evaluate(model, dataset, eval_batch, tokenizer, device)})
+        # The history up to the bad step is the finding; evaluate the model as it was before it.
+        record_eval(step)
     store.compact_metrics()
     summary = summarize(store.metrics(), store.evals(), derived, diverged, elapsed(),
                         len(dataset.classes), cfg.monitor.spike_window)

@@ -70,19 +70,31 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 
 def compute_loss(
-    trial: Trial, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
-    bias: torch.Tensor | None, distributed: bool,
+    trial: Trial, step: int, image_features: torch.Tensor, text_features: torch.Tensor,
+    scale: torch.Tensor, bias: torch.Tensor | None, distributed: bool,
 ) -> torch.Tensor:
-    """The configured loss over the global batch (the distributed forms exchange features)."""
-    if distributed:
-        from scalestudy.distributed_losses import distributed_sigmoid_loss, distributed_softmax_loss
+    """The configured loss over the global batch (the distributed forms exchange features).
 
-        if trial.config.loss.kind == "softmax":
+    Negative masking draws from a generator seeded by (train.seed, step), so a resumed trial masks
+    exactly the pairs the uninterrupted one would have.
+    """
+    spec = trial.config.loss
+    if spec.kind == "softmax":
+        if distributed:
+            from scalestudy.distributed_losses import distributed_softmax_loss
+
             return distributed_softmax_loss(image_features, text_features, scale)
-        return distributed_sigmoid_loss(image_features, text_features, scale, bias)
-    if trial.config.loss.kind == "softmax":
-        return softmax_loss(image_features, text_features, scale)
-    return sigmoid_loss(image_features, text_features, scale, bias)
+        return softmax_loss(image_features, text_features, scale, spec.chunk_size)
+    masking = torch.Generator().manual_seed(trial.config.train.seed * 1_000_003 + step)
+    options: dict[str, Any] = dict(
+        negative_weight=spec.negative_weight, negative_mask_ratio=spec.negative_mask_ratio,
+        generator=masking,
+    )
+    if distributed:
+        from scalestudy.distributed_losses import distributed_sigmoid_loss
+
+        return distributed_sigmoid_loss(image_features, text_features, scale, bias, **options)
+    return sigmoid_loss(image_features, text_features, scale, bias, spec.chunk_size, **options)
 
 
 def run_trial(trial_dir: str, backend: str = "local", stop: threading.Event | None = None) -> dict[str, Any] | None:
@@ -248,7 +260,8 @@ def _loop(
 
         image_features, text_features = forward(images, tokens)
         scale = model.logit_scale()
-        loss = compute_loss(trial, image_features, text_features, scale, model.bias, distributed)
+        loss = compute_loss(trial, step, image_features, text_features, scale, model.bias,
+                            distributed)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # Norms before any clipping: the spike record must show what the optimiser was handed.

@@ -1,0 +1,211 @@
+"""Dashboard benchmark: 200 trials × 10,000 steps, overview and a 20-trace instability view in
+headless Chromium.
+
+    .venv/bin/python benchmarks/bench_dashboard.py [--dir /tmp/bench-dashboard] [--repeats 3]
+
+The run directory is synthetic but written with the store's own writers, exactly as trials write
+it: metric parts flushed every 500 steps (`TrialStore.append_metrics`), compacted when a trial ends
+(`compact_metrics`), evaluations (`append_eval`), the real `summarize` for summary.json, and
+state.json through `update_state`. Spikes are flagged by the trial's own `SpikeDetector`. Mix of
+states: 10 running, 4 failed, diverging large-batch sigmoid trials, the rest done. The directory
+is reused when it already holds the full set (writing it takes about a minute here).
+
+Timings are taken inside the page (`performance.now()`): the overview from navigation start to its
+table of 200 rows drawn; the instability view from the route change to all 20 grad-norm traces
+(every point) and the aligned panels drawn. Results are recorded in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from scalestudy.expand import expand
+from scalestudy.load import load_study
+from scalestudy.spec import StudySpec
+from scalestudy.store import RunStore, TrialStore, atomic_write_json, atomic_write_text
+from scalestudy.train.monitors import SpikeDetector
+from scalestudy.train.summary import summarize
+
+STEPS = 10_000
+FLUSH_STEPS = 500  # rows per metric part, as a trial flushing every ~2 s at ~250 steps/s writes
+EVAL_EVERY = 1_000
+BATCH_SIZES = [64, 128, 256, 512, 1024]
+NUM_CLASSES = 40
+
+STUDY = {
+    "name": "bench",
+    "base": {"train": {"eval_every": EVAL_EVERY}},
+    "sweep": {
+        # 2 losses × 2 β2 × 10 seeds × 5 batch sizes = 200 trials, each exactly STEPS steps.
+        "grid": {"loss.kind": ["softmax", "sigmoid"], "optim.beta2": [0.95, 0.999],
+                 "train.seed": list(range(10))},
+        "zip": {"train.batch_size": BATCH_SIZES,
+                "train.examples_seen": [b * STEPS for b in BATCH_SIZES]},
+    },
+}
+
+
+def synthetic_series(seed: int, batch: int, beta2: float, sigmoid: bool) -> dict[str, np.ndarray]:
+    """Per-step traces shaped like real ones: decaying noisy grad norm, spikes that grow with batch
+    size and β2 = 0.999 (SigLIP §4.4), a loss bump after each spike, rising temperature."""
+    rng = np.random.default_rng(seed * 7919 + batch)
+    steps = np.arange(1, STEPS + 1)
+    grad = 2.0 * (steps / 100 + 1) ** -0.3 * np.exp(rng.normal(0, 0.15, STEPS))
+    spike_rate = 1e-4 * (batch / 64) * (4 if beta2 == 0.999 else 1)
+    spikes = np.flatnonzero(rng.random(STEPS) < spike_rate)
+    grad[spikes] *= rng.uniform(4, 40, spikes.size)
+    loss = 4.0 * (steps / 50 + 1) ** -0.25 + rng.normal(0, 0.03, STEPS)
+    for s in spikes:
+        loss[s:s + 200] += 0.5 * np.exp(-np.arange(min(200, STEPS - s)) / 40)
+    return {
+        "grad_norm": grad,
+        "loss": loss,
+        "temperature": 10 + 20 * (1 - np.exp(-steps / 3000)),
+        "bias": -10 + 3 * (1 - np.exp(-steps / 4000)) if sigmoid else np.full(STEPS, np.nan),
+        "adam_staleness": np.exp(rng.normal(0, 0.2, STEPS)) + np.isin(steps, spikes + 3) * 5,
+        "lr": np.minimum(steps / 1000, 1) * 1e-3,
+    }
+
+
+def write_trial(ts: TrialStore, index: int, batch: int, beta2: float, sigmoid: bool) -> None:
+    trial = ts.read_trial()
+    series = synthetic_series(index, batch, beta2, sigmoid)
+    running, failed = index % 20 == 3, index % 50 == 7
+    diverge_at = 6_000 + index if sigmoid and batch == 1024 and beta2 == 0.999 and index % 3 == 0 else None
+    last = 9_500 if running else 3_000 if failed else (diverge_at or STEPS)
+    ts.start_attempt("bench")
+    detector = SpikeDetector(trial.config.monitor.spike_threshold, trial.config.monitor.spike_window)
+    rows = []
+    for i in range(last):
+        step = i + 1
+        loss = float("nan") if step == diverge_at else float(series["loss"][i])
+        is_spike, ratio = detector.update(float(series["grad_norm"][i]))
+        bias = float(series["bias"][i])
+        rows.append({
+            "step": step, "examples_seen": step * batch, "loss": loss,
+            "grad_norm": float(series["grad_norm"][i]), "lr": float(series["lr"][i]),
+            "temperature": float(series["temperature"][i]), "bias": None if bias != bias else bias,
+            "is_spike": is_spike, "spike_ratio": ratio, "is_loss_spike": False,
+            "loss_spike_ratio": None, "adam_staleness": float(series["adam_staleness"][i]),
+            "step_time_s": 0.01,
+        })
+        if step % FLUSH_STEPS == 0 or step == last:
+            ts.append_metrics(rows)
+            ts.update_state(step=step, steps=STEPS, loss=loss)
+            rows = []
+        if step % EVAL_EVERY == 0:
+            accuracy = 0.6 * (1 - np.exp(-step / 3000)) * (1.1 if sigmoid else 1.0) * (64 / batch) ** 0.05
+            ts.append_eval({"step": step, "examples_seen": step * batch, "zeroshot_top1": accuracy,
+                            "zeroshot_top5": min(1.0, 2 * accuracy), "retrieval_i2t_r1": accuracy / 2,
+                            "retrieval_t2i_r1": accuracy / 2})
+    if running:
+        return
+    if failed:
+        ts.update_state(status="failed", error="Traceback (most recent call last):\n  ...\n"
+                        "RuntimeError: synthetic failure for the benchmark")
+        return
+    ts.compact_metrics()
+    summary = summarize(ts.metrics(), ts.evals(), trial.derived, diverge_at is not None, 100.0,
+                        NUM_CLASSES, trial.config.monitor.spike_window)
+    atomic_write_json(ts.summary_path, summary)
+    ts.update_state(status="diverged" if diverge_at else "done", step=summary["step"])
+
+
+def write_run(out: Path) -> RunStore:
+    """The 200-trial run directory (reused when complete)."""
+    study = StudySpec.model_validate(STUDY)
+    store = RunStore(out / study.name)
+    if len(store.trial_ids()) == 200 and all(
+        store.trial(t).state().get("status") != "pending" for t in store.trial_ids()
+    ):
+        return store
+    atomic_write_text(store.study_path, yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
+    trials = expand(load_study(store.study_path), str(store.study_path))
+    started = time.time()
+    for index, trial in enumerate(trials):
+        ts = store.trial(trial.trial_id)
+        ts.reset()
+        store.add_trial(trial)
+        cfg = trial.config
+        write_trial(ts, index, cfg.train.batch_size, cfg.optim.beta2, cfg.loss.kind == "sigmoid")
+    print(f"wrote {len(trials)} trials to {store.root} in {time.time() - started:.0f} s", flush=True)
+    return store
+
+
+def browser(user_data: str):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1000", f"--user-data-dir={user_data}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+def wait_timing(driver, view: str, timeout: float = 60.0) -> float:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = driver.execute_script(f"return (window.scalestudy && window.scalestudy.timings['{view}']) || null")
+        if value is not None:
+            return float(value)
+        time.sleep(0.02)
+    raise TimeoutError(f"the {view} view did not finish rendering within {timeout} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "bench-dashboard"))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    from scalestudy.dashboard.server import make_server
+
+    store = write_run(Path(args.dir))
+    server = make_server(store.root, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    # The 20 trials with the most spikes: what a researcher chasing spikes would open.
+    spiky = sorted(store.trial_ids(), key=lambda t: -len(
+        store.trial(t).metrics().filter(is_spike=True)))[:20]
+    overview, instability = [], []
+    with tempfile.TemporaryDirectory() as user_data:
+        driver = browser(user_data)
+        try:
+            for _ in range(args.repeats):
+                driver.get("about:blank")
+                driver.get(url)
+                overview.append(wait_timing(driver, "overview"))
+                rows = driver.execute_script("return document.querySelectorAll('#trials tbody tr').length")
+                assert rows == 200, f"overview shows {rows} rows, expected 200"
+                driver.execute_script("delete window.scalestudy.timings.instability; "
+                                      f"location.hash = '#/instability?trials={','.join(spiky)}'")
+                instability.append(wait_timing(driver, "instability"))
+                traces = driver.execute_script("return window.scalestudy.drawnPoints()")
+                assert traces == {"traces": 20, "points": sum(
+                    store.trial(t).metrics().height for t in spiky)}, traces
+        finally:
+            driver.quit()
+            server.shutdown()
+    print(f"overview (navigation → 200-row table): median {statistics.median(overview):.0f} ms "
+          f"(runs: {', '.join(f'{v:.0f}' for v in overview)})")
+    print(f"instability, 20 traces × every step + aligned panels: median "
+          f"{statistics.median(instability):.0f} ms (runs: {', '.join(f'{v:.0f}' for v in instability)})")
+    ok = statistics.median(overview) < 1000 and statistics.median(instability) < 2000
+    print("targets (overview < 1 s, instability < 2 s):", "met" if ok else "NOT met")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The dashboard in a real headless Chromium: `scalestudy dashboard` serves a real tiny study, the
+page lists the trials, the instability view marks the spike the test put in, and steps the test
+appends with the trial's own writer show up without a reload.
+
+Needs Debian's `chromium` and `chromium-driver` (.ci/run installs them). Skipped where they are
+missing, except in CI (CI set), where a missing browser fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scalestudy.cli import main
+from scalestudy.store import RunStore, TrialStore
+from tests.conftest import tiny_study
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+WAIT_S = 30  # any one thing the page must show; polls are every 2 s
+LIVE_WAIT_S = 15  # a new step must appear within a few polls
+
+
+def require_browser() -> None:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
+    if not missing:
+        return
+    message = f"{', '.join(missing)} missing: apt-get install chromium chromium-driver"
+    if os.environ.get("CI"):
+        pytest.fail(f"the browser test must run in CI: {message}")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real one-trial sigmoid study, finished, that the tests then extend as if still training."""
+    require_browser()
+    base = tmp_path_factory.mktemp("browser")
+    study = base / "study.yaml"
+    study.write_text(yaml.safe_dump(tiny_study(name="live", grid={"loss.kind": ["sigmoid"]})))
+    assert main(["run", str(study), "--out", str(base / "runs")]) == 0
+    return base / "runs" / "live"
+
+
+@pytest.fixture(scope="module")
+def dashboard(run_dir: Path) -> Iterator[str]:
+    """`scalestudy dashboard RUN_DIR --port 0` as a user runs it; yields the URL it prints."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scalestudy.cli", "dashboard", str(run_dir), "--port", "0"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        line = ""
+        while time.monotonic() < deadline and "http://" not in line:
+            line = process.stderr.readline() or line
+            if process.poll() is not None:
+                pytest.fail(f"the dashboard exited with {process.returncode}: {line}")
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        assert url, f"no address printed within {WAIT_S} s: {line!r}"
+        yield url.group(0)
+    finally:
+        process.terminate()
+        process.wait(timeout=WAIT_S)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    require_browser()
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1000", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    driver.set_script_timeout(WAIT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(driver, condition, timeout: float = WAIT_S, what: str = ""):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition, what)
+
+
+def css(driver, selector: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, selector)
+
+
+def append_steps(ts: TrialStore, steps: int, spike_at: int) -> int:
+    """Mark the trial running and append `steps` rows with its own writer, a 50× grad-norm spike at
+    `spike_at`; returns the last step."""
+    last = ts.metrics().row(-1, named=True)
+    ts.update_state(status="running")
+    rows = [{**last, "step": s, "examples_seen": s * 32, "is_spike": s == spike_at,
+             "spike_ratio": 50.0 if s == spike_at else 1.0,
+             "grad_norm": last["grad_norm"] * (50 if s == spike_at else 1)}
+            for s in range(last["step"] + 1, last["step"] + steps + 1)]
+    ts.append_metrics(rows)
+    return rows[-1]["step"]
+
+
+def test_the_page_lists_trials_marks_a_spike_and_shows_new_steps_without_a_reload(
+        run_dir, dashboard, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ts = RunStore(run_dir).trial(RunStore(run_dir).trial_ids()[0])
+    first_spike = 20
+    append_steps(ts, steps=10, spike_at=first_spike)  # steps 17–26, as a trial still training
+
+    browser.get(dashboard)
+    rows = wait_for(browser, lambda d: css(d, "#trials tbody tr") or False, what="the trial table")
+    assert [r.get_attribute("data-trial") for r in rows] == [ts.trial_id]
+    assert "running" in rows[0].text and "sigmoid" in rows[0].text
+
+    css(browser, f'input[data-trial="{ts.trial_id}"]')[0].click()
+    css(browser, "#open-instability")[0].click()
+    marker = wait_for(browser, lambda d: (css(d, f'circle.spike[data-trial="{ts.trial_id}"]'
+                                               f'[data-step="{first_spike}"]') or [None])[0],
+                      what="the spike marker")
+    plot = marker.find_element("xpath", "ancestor::div[@class='plot']")
+    assert plot.get_attribute("data-title").startswith("gradient norm")
+    # The spike is the run's largest norm, so its marker sits at the top of a log-scale plot.
+    assert float(marker.get_attribute("cy")) < 0.25 * plot.size["height"]
+    ActionChains(browser).move_to_element(marker).perform()
+    tooltip = wait_for(browser, lambda d: d.find_element("id", "tooltip").text or False,
+                       what="the hover tooltip")
+    assert f"step {first_spike}" in tooltip and "spike" in tooltip
+
+    browser.execute_script("window.notReloaded = true; performance.clearResourceTimings()")
+    last = append_steps(ts, steps=5, spike_at=29)  # steps 27–31, while the page is open
+    wait_for(browser, lambda d: css(d, f'circle.spike[data-step="29"]'), timeout=LIVE_WAIT_S,
+             what="the appended spike")
+    legend_step = css(browser, f'.legend-item[data-trial="{ts.trial_id}"] .last-step')[0]
+    wait_for(browser, lambda d: legend_step.text == str(last), timeout=LIVE_WAIT_S,
+             what=f"the legend to show step {last}")
+    assert browser.execute_script("return window.notReloaded") is True
+    asked = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name).filter(n => n.includes('/metrics'))")
+    assert asked and all("after=26" in url or "after=31" in url for url in asked), \
+        f"polls must ask only for steps after the last one shown, not the history: {asked}"
+    assert browser.execute_script("return window.scalestudy.drawnPoints()") == \
+        {"traces": 1, "points": last}

@@ -15,8 +15,8 @@ and gradients (wrt both features, t and b):
   (grad enabled and an input requires grad). Tiles are computed in float32, or float64 for
   float64 inputs, and the results cast back to the inputs' dtypes. First-order gradients only.
 
-`sigmoid_tiles`, `softmax_tiles`, `Negatives` and `TileGrads` are the building blocks the
-data-parallel forms in scalestudy.distributed_losses reuse; the public API is ``__all__``.
+The tile kernels and the autograd glue below are the building blocks the data-parallel forms in
+scalestudy.distributed_losses reuse; the public API is ``__all__``.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ class TileGrads:
     def add(self, g: torch.Tensor, x: torch.Tensor, y: torch.Tensor, i0: int, j0: int) -> None:
         self.x[i0:i0 + g.shape[0]].addmm_(g, y)
         self.y[j0:j0 + g.shape[1]].addmm_(g.t(), x)
-        self.logits += g.sum()
+        self.logits.add_(g.sum())  # in place: data-parallel hops share this sum
 
 
 def _tiles(n: int, m: int, chunk: int) -> list[tuple[int, int, int, int]]:
@@ -344,7 +344,10 @@ def records_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
 
 
-def _apply(kernel: Kernel, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def apply_kernel(
+    kernel: Kernel, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, b: torch.Tensor | None
+) -> torch.Tensor:
+    """The kernel's value, differentiable when autograd records (else no gradient work)."""
     if records_grad(x, y, t, b):
         return _GradientsInForward.apply(kernel, x, y, t, b)
     return kernel(x, y, t, b, False).loss
@@ -365,14 +368,21 @@ def _sigmoid_kernel(
     return LossAndGrads(loss, *finish_grads(raw, xc, tc, (x, y, t, b), x.shape[0]))
 
 
-def _softmax_kernel(
+def softmax_kernel(
     x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, b: None, need_grad: bool, *, chunk: int,
+    row_start: int = 0, over_cols: bool = True, norm: float | None = None,
 ) -> LossAndGrads:
+    """`softmax_tiles` / ``norm`` (default 2B: the mean of two directions' means), with grads.
+
+    The single-process loss takes both directions over x and y; a data-parallel rank passes its
+    own rows as x (global rows from ``row_start``), the gathered batch as y, ``over_cols=False``
+    and the global 2B as ``norm``.
+    """
     dtype = compute_dtype(x)
     xc, yc, tc = x.to(dtype), y.to(dtype), as_scalar(t, dtype)
     raw = TileGrads.zeros(xc, yc) if need_grad else None
-    total = softmax_tiles(xc, yc, tc, 0, 0, True, True, chunk, raw)
-    norm = 2 * x.shape[0]  # the mean of two directions' means
+    total = softmax_tiles(xc, yc, tc, row_start, 0, True, over_cols, chunk, raw)
+    norm = 2 * x.shape[0] if norm is None else norm
     loss = (total / norm).to(x.dtype)
     if raw is None:
         return LossAndGrads(loss)
@@ -418,8 +428,8 @@ def softmax_loss(
         logits = logit_scale * image_features @ text_features.t()
         labels = torch.arange(logits.shape[0], device=logits.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-    kernel = functools.partial(_softmax_kernel, chunk=chunk_size)
-    return _apply(kernel, image_features, text_features, torch.as_tensor(logit_scale), None)
+    kernel = functools.partial(softmax_kernel, chunk=chunk_size)
+    return apply_kernel(kernel, image_features, text_features, torch.as_tensor(logit_scale), None)
 
 
 def sigmoid_loss(
@@ -474,4 +484,4 @@ def sigmoid_loss(
         return (terms if weights is None else terms * weights).sum() / batch
     kernel = functools.partial(_sigmoid_kernel, negatives=negatives, chunk=chunk_size)
     bias = None if logit_bias is None else torch.as_tensor(logit_bias)
-    return _apply(kernel, image_features, text_features, torch.as_tensor(logit_scale), bias)
+    return apply_kernel(kernel, image_features, text_features, torch.as_tensor(logit_scale), bias)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from scalestudy.expand import Trial
 from scalestudy.spec import StudySpec
@@ -20,4 +20,27 @@ class Executor(Protocol):
         Keeps results.parquet current as trials finish. KeyboardInterrupt leaves every trial's
         state true (interrupted trials are `preempted` and resume on the next run).
         """
+        ...
+
+
+@runtime_checkable
+class BatchExecutor(Executor, Protocol):
+    """A backend that hands trials to a batch scheduler: `run` submits and returns, the jobs
+    outlive it, and each trial's state.json names its job (`backend`, `job_id`, `log`)."""
+
+    def wait(self, store: RunStore, trial_ids: list[str], timeout_s: float | None = None) -> None:
+        """Block until none of `trial_ids` has a job queued or running, showing live progress;
+        TimeoutError after `timeout_s`."""
+        ...
+
+    def job_states(self, store: RunStore, trial_ids: list[str]) -> dict[str, str]:
+        """The scheduler's state of each trial's job (trials never submitted are left out).
+
+        Makes state.json true on the way: a trial whose job ended without the trial recording
+        its end (killed, out of memory, node failure) gets the reason from the scheduler.
+        """
+        ...
+
+    def cancel(self, store: RunStore, trial_ids: list[str]) -> list[str]:
+        """Cancel the queued or running jobs of `trial_ids`; returns the trials cancelled."""
         ...

@@ -1,0 +1,349 @@
+"""Ray executor: each trial is one Ray task that runs `python -m scalestudy.trial TRIAL_DIR`.
+
+`executor.ray.address=local` (the default) starts a private Ray for the run and stops it after;
+`auto` or `HOST:PORT` joins a running cluster. A trial's `resources.cpus` and `resources.gpus`
+become the task's `num_cpus` and `num_gpus`, so Ray packs trials onto the nodes as they fit.
+
+Why the task starts the trial as a subprocess instead of calling `run_trial` in the Ray worker:
+- Ray reuses workers across tasks and torch reads OMP_NUM_THREADS only at its first import, so
+  thread pools leak between trials with different CPU counts; two 2-thread trials on 2 cores ran
+  about 10× slower (../shared/notes/ray-and-torch-on-these-machines.md §3). A fresh process gets
+  exactly the CPUs Ray assigned to the task, as OMP_NUM_THREADS and through the trial's own
+  `torch.set_num_threads(resources.cpus)`.
+- SIGTERM → checkpoint → `preempted` is the trial's own signal handling, which needs the main
+  thread of its own process; the same code path as the local executor, so a trial behaves the
+  same on both. A trial that crashes its interpreter takes only its own process down.
+- The price, one Python + torch import per trial, is what the local executor pays as well.
+
+Faults (notes §4): a trial that raises records `failed` itself and is not retried; a dead Ray
+worker, or a trial process killed by a signal, is retried `executor.ray.max_retries` times (the
+trial resumes from its checkpoint) and then `failed` with the reason. Ctrl-C cancels the tasks:
+queued trials stay `pending`, running ones checkpoint and become `preempted`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError, TaskCancelledError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from scalestudy.errors import UsageError
+from scalestudy.executors.local import GRACE_S
+from scalestudy.expand import Trial
+from scalestudy.progress import Progress
+from scalestudy.results import write_results
+from scalestudy.spec import RayExecutorSpec, StudySpec
+from scalestudy.store import RunStore, TrialStore, atomic_write_text
+
+POLL_S = 0.5
+# A node that cannot answer a trivial task in this long is not one trials can run on either.
+PROBE_TIMEOUT_S = 60.0
+EXIT_FAILED, EXIT_PREEMPTED = 1, 3  # scalestudy.trial's exit statuses
+
+
+class RayClusterError(UsageError):
+    """The Ray cluster cannot run this study as it is (auth, resources, storage, software)."""
+
+
+class TrialKilled(Exception):
+    """The trial process was stopped from outside (a signal, the OOM killer, a node draining).
+
+    Raised inside the task so that Ray retries it like a dead worker (`retry_exceptions`).
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside the Ray worker
+
+
+def run_trial_process(trial_dir: str) -> int:
+    """Task body: run the trial as a child process; return its exit status (0 done, 1 failed).
+
+    Raises TrialKilled when the child was stopped by a signal (Ray retries the task). On a
+    cancel (Ray raises KeyboardInterrupt here) the child checkpoints and exits as `preempted`.
+    """
+    context = ray.get_runtime_context()
+    cpus = int(context.get_assigned_resources().get("CPU", 1))
+    trial = TrialStore(Path(trial_dir))
+    trial.update_state(ray_task_id=context.get_task_id(), ray_node_id=context.get_node_id())
+    # Explicit, because Ray does not override an OMP_NUM_THREADS the driver already had (§3);
+    # CUDA_VISIBLE_DEVICES, which Ray set for this task's GPUs, is inherited from os.environ.
+    env = dict(os.environ, OMP_NUM_THREADS=str(cpus))
+    with open(trial.log_path, "ab") as log:
+        # A session of its own: the child's signals come from this task only.
+        child = subprocess.Popen(
+            [sys.executable, "-m", "scalestudy.trial", trial_dir, "--backend", "ray"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=die_with_worker,
+        )
+    try:
+        # Short sleeps, not one blocking wait: Ray's cancel interrupts Python code only between
+        # bytecodes, so a blocking wait would hold Ctrl-C until the trial ended (§4).
+        while child.poll() is None:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        stop_child(child)
+        raise
+    if child.returncode < 0 or child.returncode == EXIT_PREEMPTED:
+        how = (f"signal {signal.Signals(-child.returncode).name}" if child.returncode < 0
+               else "SIGTERM (it checkpointed)")
+        raise TrialKilled(f"trial process {child.pid} on {socket.gethostname()} was stopped by "
+                          f"{how}; log: {trial.log_path}")
+    return child.returncode
+
+
+def die_with_worker() -> None:
+    """Linux: the trial is SIGKILLed the moment its Ray worker dies.
+
+    Not SIGTERM (a last checkpoint, as the local executor does): a trial still saving while Ray
+    already retries it elsewhere, or while the driver records the failure, would be a second
+    writer of the same trial directory. The retry resumes from the last periodic checkpoint, as
+    it must anyway when a whole node is lost.
+    """
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def stop_child(child: subprocess.Popen[bytes]) -> None:
+    """SIGTERM: the trial saves a checkpoint and exits as `preempted`; killed after GRACE_S."""
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(GRACE_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def probe_node(run_dir: str, token: str) -> dict[str, Any]:
+    """Task body of the pre-flight check: can this node read and write the run directory?"""
+    node = ray.get_runtime_context().get_node_id()
+    marker = Path(run_dir) / f".ray-probe-{token}"
+    answer: dict[str, Any] = {"host": socket.gethostname(), "python": sys.executable,
+                              "scalestudy": importlib.util.find_spec("scalestudy") is not None}
+    try:
+        answer["sees_run_dir"] = marker.read_text() == token
+        (marker.parent / f"{marker.name}.{node}").write_text(token)
+        answer["writes_run_dir"] = True
+    except OSError as err:
+        answer.setdefault("sees_run_dir", False)
+        answer.update(writes_run_dir=False, error=str(err))
+    return answer
+
+
+# ---------------------------------------------------------------------------------------------
+# On the driver
+
+
+def init_kwargs(spec: RayExecutorSpec) -> dict[str, Any]:
+    """Arguments of `ray.init` for the configured address."""
+    if spec.address == "local":
+        # address="local" always starts a private Ray: a bare ray.init() would silently join any
+        # cluster `ray start` left running on this machine (§5). No dashboard: it costs ~1 GiB.
+        return {"address": "local", "num_cpus": spec.num_cpus, "include_dashboard": False,
+                "log_to_driver": False}
+    if spec.address != "auto" and not os.environ.get("RAY_AUTH_MODE"):
+        # Ray 2.60 leaves auth off for an explicit address unless told, and a cluster started
+        # with token auth then fails after 20 s with a bare ConnectionError (§5).
+        raise RayClusterError(
+            f"executor.ray.address={spec.address}: set RAY_AUTH_MODE to the cluster's auth mode "
+            "first: RAY_AUTH_MODE=token (the token comes from ~/.ray/auth_token or RAY_AUTH_TOKEN) "
+            "or RAY_AUTH_MODE=disabled for a cluster started with auth disabled"
+        )
+    return {"address": spec.address, "log_to_driver": False}
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def unfit_trials(trials: Iterable[Trial], nodes: list[dict[str, Any]]) -> list[str]:
+    """One line per trial that no node is big enough for (Ray would queue it forever)."""
+    sizes = [(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes]
+    lines = []
+    for trial in trials:
+        need = trial.config.resources
+        if not any(cpu >= need.cpus and gpu >= need.gpus for cpu, gpu in sizes):
+            lines.append(f"trial {trial.trial_id} needs resources.cpus={need.cpus}, "
+                         f"resources.gpus={need.gpus}")
+    return lines
+
+
+def check_fits(trials: list[Trial], nodes: list[dict[str, Any]], autoscaling: bool) -> None:
+    unfit = unfit_trials(trials, nodes)
+    if not unfit:
+        return
+    sizes = ", ".join(f"{n['NodeManagerAddress']} (CPU {n['Resources'].get('CPU', 0):g}, "
+                      f"GPU {n['Resources'].get('GPU', 0):g})" for n in nodes)
+    message = f"{'; '.join(unfit)}, but the largest Ray nodes are: {sizes}"
+    if autoscaling:
+        # A joined cluster may add nodes on demand (cluster/ray/cluster.yaml): say so and wait.
+        print(f"warning: {message}; those trials wait for the autoscaler to add a node",
+              file=sys.stderr)
+        return
+    raise RayClusterError(f"{message}; lower resources.cpus/gpus, set executor.ray.num_cpus, "
+                          "or join a bigger cluster with --address")
+
+
+def check_shared_storage(run_dir: Path) -> None:
+    """Before any trial starts: every node that can run trials must see and write `run_dir`."""
+    token = secrets.token_hex(8)
+    marker = run_dir / f".ray-probe-{token}"
+    atomic_write_text(marker, token)
+    probe = ray.remote(num_cpus=0, max_retries=0)(probe_node)
+    nodes = [n for n in alive_nodes() if n["Resources"].get("CPU", 0) > 0]
+    refs = {
+        n["NodeManagerAddress"]: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(str(run_dir), token)
+        for n in nodes
+    }
+    try:
+        answers = dict(zip(refs, ray.get(list(refs.values()), timeout=PROBE_TIMEOUT_S)))
+    except GetTimeoutError:
+        raise RayClusterError(
+            f"Ray nodes {', '.join(refs)} did not answer a trivial task within "
+            f"{PROBE_TIMEOUT_S:.0f} s; check `ray status` on the cluster"
+        ) from None
+    finally:
+        for path in run_dir.glob(f".ray-probe-{token}*"):
+            path.unlink(missing_ok=True)
+    problems = [problem for address, answer in answers.items()
+                if (problem := storage_problem(address, answer, run_dir))]
+    if problems:
+        raise RayClusterError("\n".join(problems))
+
+
+def storage_problem(address: str, answer: dict[str, Any], run_dir: Path) -> str | None:
+    where = f"Ray node {address} ({answer['host']})"
+    if not answer["sees_run_dir"] or not answer["writes_run_dir"]:
+        why = answer.get("error", "a marker the driver wrote there is missing")
+        return (f"{where} cannot {'see' if not answer['sees_run_dir'] else 'write'} the run "
+                f"directory {run_dir} ({why}): trials write their results there, so it must be "
+                "on storage every node mounts at the same path (e.g. NFS); pass --out on that "
+                "storage")
+    if not answer["scalestudy"]:
+        return (f"{where}: scalestudy is not importable by the workers' Python "
+                f"({answer['python']}); install it there (pip install -e <this repository>)")
+    return None
+
+
+def settled_state(
+    outcome: int | BaseException, status: str, max_retries: int
+) -> dict[str, Any] | None:
+    """The state.json fields a finished task implies, or None when the trial's own record is true.
+
+    `outcome` is the task's return value (the trial's exit status) or what `ray.get` raised;
+    `status` is what state.json says now.
+    """
+    if isinstance(outcome, (TaskCancelledError, GetTimeoutError)):
+        # Cancelled (GetTimeoutError: still stopping when we gave up waiting): a queued task never
+        # started (still `pending`); a running one stopped at, or resumes from, a checkpoint.
+        if status != "running":
+            return None
+        return {"status": "preempted", "error": "stopped with the study; resumes from its last "
+                "checkpoint"}
+    if status in ("done", "diverged"):
+        return None
+    tries = f"{max_retries + 1} attempt(s) (executor.ray.max_retries={max_retries})"
+    if isinstance(outcome, RayTaskError) and isinstance(outcome.cause, TrialKilled):
+        return {"status": "failed", "error": f"{outcome.cause}; gave up after {tries}"}
+    if isinstance(outcome, RayError):
+        # WorkerCrashedError, NodeDiedError, …: the trial's process went with its worker.
+        reason = str(outcome).strip().splitlines()[0]
+        return {"status": "failed", "error": f"Ray worker died: {reason}; gave up after {tries}"}
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if outcome != 0 and status != "failed":
+        # The trial could not even record its failure (e.g. scalestudy not importable).
+        return {"status": "failed", "error": f"trial process exited with status {outcome} "
+                "without recording a result; see log.txt"}
+    return None
+
+
+class RayExecutor:
+    name = "ray"
+
+    def run(self, store: RunStore, trials: list[Trial], study: StudySpec) -> None:
+        spec = study.executor.ray
+        kwargs = init_kwargs(spec)
+        try:
+            ray.init(**kwargs)
+        except Exception as err:  # noqa: BLE001 - Ray raises bare Exception (30 s start-up limit)
+            what = ("start a private Ray" if spec.address == "local"
+                    else f"join the Ray cluster at {spec.address}")
+            raise RayClusterError(f"could not {what}: {err}") from err
+        try:
+            run_dir = store.root.resolve()
+            check_fits(trials, alive_nodes(), autoscaling=spec.address != "local")
+            check_shared_storage(run_dir)
+            self._run(store, run_dir, trials, spec)
+        finally:
+            # Disconnects from a joined cluster; stops the private one (never `ray stop`, which
+            # would stop every Ray on the machine, §5).
+            ray.shutdown()
+
+    def _run(self, store: RunStore, run_dir: Path, trials: list[Trial],
+             spec: RayExecutorSpec) -> None:
+        task = ray.remote(run_trial_process)
+        refs = {
+            task.options(
+                num_cpus=t.config.resources.cpus, num_gpus=t.config.resources.gpus,
+                max_retries=spec.max_retries, retry_exceptions=[TrialKilled],
+                name=f"trial-{t.trial_id}",
+            ).remote(str(run_dir / "trials" / t.trial_id)): t.trial_id
+            for t in trials
+        }
+        pending = list(refs)
+        progress = Progress(store, [t.trial_id for t in trials])
+        try:
+            while pending:
+                ready, _ = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+                for ref in ready:
+                    self._settle(store, refs[ref], ref, spec.max_retries)
+                    pending.remove(ref)  # only once settled: an interrupt settles the rest
+                if ready:
+                    write_results(store)
+                progress.tick()
+        except BaseException:
+            # Ctrl-C (or SIGTERM, which ray.init turns into SystemExit): stop the study's work.
+            self._cancel(store, {ref: refs[ref] for ref in pending}, spec.max_retries)
+            raise
+        finally:
+            progress.close()
+
+    @staticmethod
+    def _settle(store: RunStore, trial_id: str, ref: ray.ObjectRef, max_retries: int) -> None:
+        try:
+            outcome: int | BaseException = ray.get(ref, timeout=GRACE_S)
+        except RayError as err:
+            outcome = err
+        trial = store.trial(trial_id)
+        fields = settled_state(outcome, trial.state().get("status", "pending"), max_retries)
+        if fields:
+            trial.update_state(**fields)
+
+    def _cancel(self, store: RunStore, pending: dict[ray.ObjectRef, str], max_retries: int) -> None:
+        """Queued tasks are dropped (their trials stay `pending`); running ones checkpoint."""
+        for ref in pending:
+            ray.cancel(ref)
+        _, left = ray.wait(list(pending), num_returns=len(pending), timeout=GRACE_S + 5)
+        for ref in left:
+            ray.cancel(ref, force=True)
+        for ref, trial_id in pending.items():
+            self._settle(store, trial_id, ref, max_retries)
+        write_results(store)

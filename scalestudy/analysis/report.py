@@ -1,8 +1,17 @@
-"""`scalestudy report RUN_DIR`: the results table and the figures, from the store alone.
+"""`scalestudy report RUN_DIR`: figures, tables, fits and findings, from the store alone.
 
-Writes RUN_DIR/report/: accuracy_vs_batch.png (zero-shot top-1 against batch size on a log2 axis,
-one line per loss, mean ± std over seeds), grad_norm.png (every trial's per-step gradient norm with
-spikes marked), results.csv, and index.html / index.md with the trial table.
+Writes RUN_DIR/report/:
+- accuracy_vs_batch.png|svg  zero-shot top-1 against batch size (log2), one line per setting, mean
+                             and bootstrap CI band over seeds, saturating power-law fits dashed
+                             (a study without a batch-size sweep: one point per setting instead)
+- retrieval_vs_batch.png|svg image→text and text→image recall@1, the same way
+- instability.png|svg        spike rate, worst spike ratio and fraction diverged per setting
+- init_sensitivity.png|svg   final accuracy over the bias × temperature init grid (studies that
+  early_loss.png|svg         sweep an init) and the early training loss per init
+- traces.png|svg             per-trial loss, grad norm (spikes ×), temperature, bias, Adam staleness
+- grad_norm.png|svg          every trial's grad norm with spikes, one panel per loss
+- results.csv                the trial table;  groups.csv  per-setting counts, means and CIs
+- index.html, index.md       all of it with a generated summary (plain HTML, works offline)
 """
 
 from __future__ import annotations
@@ -10,76 +19,47 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-import matplotlib
+import polars as pl
 
-matplotlib.use("Agg")  # files only: no display needed, none is there on clusters or CI
-import matplotlib.pyplot as plt  # noqa: E402
-import polars as pl  # noqa: E402
-
-from scalestudy.results import study_axes, write_results  # noqa: E402
-from scalestudy.store import RunStore  # noqa: E402
+from scalestudy.analysis import figures
+from scalestudy.analysis.aggregate import LEVEL, Aggregates, aggregate, curve_trials
+from scalestudy.analysis.fits import FitFailure, FitSummary, fit_groups
+from scalestudy.analysis.labels import group_labels
+from scalestudy.analysis.summary import findings
+from scalestudy.load import load_study
+from scalestudy.results import study_axes, write_results
+from scalestudy.store import RunStore, atomic_write_text
 
 TABLE_COLUMNS = ["trial_id", "status", "final_loss", "zeroshot_top1", "best_zeroshot_top1",
                  "retrieval_i2t_r1", "retrieval_t2i_r1", "spike_count", "max_spike_ratio",
-                 "wall_s", "samples_per_s"]
+                 "spike_rate_per_1k", "wall_s", "samples_per_s", "error"]
 
 
-def seed_curves(frame: pl.DataFrame, x: str, y: str, by: str) -> pl.DataFrame:
-    """Mean, std and count of `y` over seeds for each (`by`, `x`), finished trials only."""
-    return (
-        frame.filter(pl.col("status").is_in(["done", "diverged"]) & pl.col(y).is_not_null())
-        .group_by(by, x)
-        .agg(pl.col(y).mean().alias("mean"), pl.col(y).std().fill_null(0.0).alias("std"),
-             pl.len().alias("seeds"))
-        .sort(by, x)
-    )
+def accuracy_fits(agg: Aggregates) -> list[FitSummary | FitFailure]:
+    """One saturating power-law fit per line, when batch size is swept (else none)."""
+    lay = agg.layout
+    if lay.x is None:
+        return []
+    used = curve_trials(agg.trials, agg.include_diverged)
+    return fit_groups(used, lay.x, "zeroshot_top1", lay.hue, group_labels(used, lay.hue))
 
 
-def plot_accuracy_vs_batch(frame: pl.DataFrame, path: Path) -> None:
-    curves = seed_curves(frame, "train.batch_size", "zeroshot_top1", "loss.kind")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (kind,), group in curves.group_by("loss.kind", maintain_order=True):
-        xs, mean, std = group["train.batch_size"], group["mean"], group["std"]
-        line, = ax.plot(xs, mean, marker="o", label=f"{kind} (n={group['seeds'].max()} seeds)")
-        ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    chance = frame["zeroshot_chance"].drop_nulls()
-    if chance.len():
-        ax.axhline(chance[0], color="grey", linestyle=":", label="chance")
-    ax.set_xscale("log", base=2)
-    sizes = sorted(curves["train.batch_size"].unique().to_list())
-    ax.set_xticks(sizes, [str(b) for b in sizes])
-    ax.minorticks_off()
-    ax.set_xlabel("batch size (pairs per step, log2)")
-    ax.set_ylabel("zero-shot top-1 (fraction)")
-    ax.set_title("Zero-shot accuracy vs batch size (mean ± std over seeds)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def group_table(agg: Aggregates) -> pl.DataFrame:
+    """Per setting: trial counts by outcome, then mean and CI of each curve metric."""
+    by = agg.layout.by
+    table = agg.counts
+    for metric, stats in agg.curves.items():
+        table = table.join(
+            stats.select(by + [pl.col("mean").alias(metric), pl.col("ci_low").alias(f"{metric}_ci_low"),
+                               pl.col("ci_high").alias(f"{metric}_ci_high")]),
+            on=by, how="left", nulls_equal=True)
+    return table
 
 
-def plot_grad_norms(store: RunStore, frame: pl.DataFrame, path: Path) -> None:
-    kinds = sorted(frame["loss.kind"].unique().to_list())
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(8, 3 * len(kinds)), squeeze=False)
-    for ax, kind in zip(axes[:, 0], kinds):
-        trials = frame.filter(pl.col("loss.kind") == kind).sort("train.batch_size")
-        for row in trials.iter_rows(named=True):
-            metrics = store.trial(row["trial_id"]).metrics()
-            if metrics.is_empty():
-                continue
-            label = f"B={row['train.batch_size']} seed={row['train.seed']}"
-            line, = ax.plot(metrics["step"], metrics["grad_norm"], linewidth=0.8, label=label)
-            spikes = metrics.filter(pl.col("is_spike"))
-            ax.scatter(spikes["step"], spikes["grad_norm"], marker="x", color="red", zorder=3,
-                       s=30)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("gradient norm (pre-clip)")
-        ax.set_title(f"{kind}: per-step gradient norm, spikes marked ×")
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _fmt(value: object) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _html_table(frame: pl.DataFrame) -> str:
@@ -91,39 +71,93 @@ def _html_table(frame: pl.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _fmt(value: object) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def _md_table(frame: pl.DataFrame) -> list[str]:
+    return (["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+            + ["| " + " | ".join(_fmt(v).replace("|", "\\|").replace("\n", " ") for v in row) + " |"
+               for row in frame.iter_rows()])
 
 
-def write_report(store: RunStore) -> Path:
-    """Write the report and return the path of its index.html."""
-    frame = write_results(store).filter(pl.col("in_study"))
+FIGURE_TITLES = {
+    "accuracy_vs_batch": "Zero-shot accuracy",
+    "retrieval_vs_batch": "Retrieval",
+    "instability": "Instability",
+    "init_sensitivity": "Bias / temperature init sensitivity",
+    "early_loss": "Early training loss",
+    "traces": "Per-trial traces",
+    "grad_norm": "Gradient norms",
+}
+
+
+def draw_figures(agg: Aggregates, fits: list[FitSummary | FitFailure], out: Path) -> list[str]:
+    """Every figure that applies to this study; returns their names (files are NAME.png|svg)."""
+    figures.plot_accuracy(agg, fits, out)
+    figures.plot_retrieval(agg, out)
+    figures.plot_instability(agg, out)
+    names = ["accuracy_vs_batch", "retrieval_vs_batch", "instability"]
+    if figures.has_init_grid(agg.layout):
+        figures.plot_init_heatmap(agg, out)
+        figures.plot_early_loss(agg, out)
+        names += ["init_sensitivity", "early_loss"]
+    if not agg.traces.is_empty():
+        figures.plot_traces(agg, out)
+        names.append("traces")
+    figures.plot_grad_norms(agg, out)
+    return names + ["grad_norm"]
+
+
+def write_report(store: RunStore, include_diverged: bool = True) -> Path:
+    """Write the report under RUN_DIR/report/ and return the path of its index.html."""
+    write_results(store)
+    axes = study_axes(store)
+    agg = aggregate(store.root, axes, include_diverged=include_diverged)
     out = store.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    columns = TABLE_COLUMNS[:2] + study_axes(store) + TABLE_COLUMNS[2:]
-    table = frame.select([c for c in columns if c in frame.columns])
+    columns = TABLE_COLUMNS[:2] + axes + TABLE_COLUMNS[2:]
+    table = agg.trials.select([c for c in columns if c in agg.trials.columns])
     table.write_csv(out / "results.csv")
-    plot_accuracy_vs_batch(frame, out / "accuracy_vs_batch.png")
-    plot_grad_norms(store, frame, out / "grad_norm.png")
+    groups = group_table(agg)
+    groups.write_csv(out / "groups.csv")
+    fits = accuracy_fits(agg)
+    names = draw_figures(agg, fits, out)
+    items = findings(agg, fits)
+    title = f"Report: {store.root.name}"
+    description = _description(store)
 
-    md_rows = [[_fmt(v) for v in row] for row in table.iter_rows()]
-    markdown = "\n".join(
-        [f"# Report: {store.root.name}", "", "![accuracy vs batch](accuracy_vs_batch.png)", "",
-         "![gradient norms](grad_norm.png)", "",
-         "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-        + ["| " + " | ".join(r) + " |" for r in md_rows]
+    markdown = [f"# {title}", "", description, "", "## Summary", ""]
+    for item in items:
+        first, *rest = item.split("\n")
+        markdown += [f"- {first}"] + [f"  - {line.strip()}" for line in rest]
+    for name in names:
+        markdown += ["", f"## {FIGURE_TITLES[name]}", "", f"![{FIGURE_TITLES[name]}]({name}.png)"]
+    markdown += ["", f"## Settings ({LEVEL:.0%} bootstrap CIs over seeds)", ""] + _md_table(groups)
+    markdown += ["", "## Trials", ""] + _md_table(table)
+    atomic_write_text(out / "index.md", "\n".join(markdown) + "\n")
+
+    summary_html = "".join(
+        "<li>" + "<br>".join(html.escape(line.strip()) for line in item.split("\n")) + "</li>"
+        for item in items
     )
-    (out / "index.md").write_text(markdown + "\n")
-    (out / "index.html").write_text(
+    figures_html = "".join(
+        f"<h2>{html.escape(FIGURE_TITLES[n])}</h2><img src='{n}.png' alt='{html.escape(FIGURE_TITLES[n])}'>"
+        f"<p><a href='{n}.svg'>{n}.svg</a> (vector, for papers)</p>"
+        for n in names
+    )
+    page = (
         "<!doctype html><meta charset='utf-8'>"
-        f"<title>scalestudy report: {html.escape(store.root.name)}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style>"
-        f"<h1>Report: {html.escape(store.root.name)}</h1>"
-        "<img src='accuracy_vs_batch.png' alt='zero-shot accuracy vs batch size'>"
-        "<img src='grad_norm.png' alt='gradient norm traces'>"
-        f"<h2>Trials</h2>{_html_table(table)}"
+        f"<title>scalestudy {html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
+        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 5px}"
+        "img{max-width:100%}li{margin:.4em 0}</style>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(description)}</p>"
+        f"<h2>Summary</h2><ul>{summary_html}</ul>{figures_html}"
+        f"<h2>Settings ({LEVEL:.0%} bootstrap CIs over seeds)</h2>{_html_table(groups)}"
+        f"<p>Also as <a href='groups.csv'>groups.csv</a>.</p>"
+        f"<h2>Trials</h2>{_html_table(table)}<p>Also as <a href='results.csv'>results.csv</a>.</p>"
     )
+    atomic_write_text(out / "index.html", page)
     return out / "index.html"
+
+
+def _description(store: RunStore) -> str:
+    study = load_study(store.study_path)
+    return study.description or f"Study {study.name}."

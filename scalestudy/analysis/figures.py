@@ -1,0 +1,359 @@
+"""The report's figures, drawn with matplotlib from the aggregates (never from the raw store).
+
+Every figure is saved as PNG (for the page) and SVG (for a paper), with labelled axes and units,
+a log2 batch-size axis where batch size is swept, and a legend naming each line and its seeds.
+A study that does not sweep batch size gets the same figures over its settings instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, none is there on clusters or CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from scalestudy.analysis.aggregate import LEVEL, Aggregates, Layout  # noqa: E402
+from scalestudy.analysis.fits import FitFailure, FitSummary  # noqa: E402
+from scalestudy.analysis.labels import BIAS_AXES, axis_name, group_labels, line_label  # noqa: E402
+
+BATCH_LABEL = "batch size B (image–text pairs per step, log2 axis)"
+EXAMPLES_LABEL = "examples seen (pairs)"
+METRIC_LABELS = {
+    "zeroshot_top1": "zero-shot top-1 accuracy (%)",
+    "retrieval_i2t_r1": "image→text recall@1 (%)",
+    "retrieval_t2i_r1": "text→image recall@1 (%)",
+    "final_loss": "final training loss (nats, mean of last 10 steps)",
+}
+PERCENT_METRICS = {"zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1"}
+# Small multiples: more columns than this stop being readable; the rest are left out (and said so).
+MAX_FACETS = 6
+MAX_LEGEND_LINES = 14
+
+
+def save(fig: Figure, out: Path, name: str) -> list[Path]:
+    """Write `name`.png and `name`.svg under `out`; return both paths."""
+    fig.tight_layout()
+    paths = [out / f"{name}.png", out / f"{name}.svg"]
+    fig.savefig(paths[0], dpi=110)
+    # Text stays text in the SVG (editable and searchable in a paper), not glyph outlines.
+    with plt.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
+def _legend(ax: Axes) -> None:
+    """A legend when the panel has labelled lines (a study with no results yet has none)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def _batch_axis(ax: Axes, sizes: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [f"{b:,}" for b in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel(BATCH_LABEL)
+
+
+def _scale(metric: str) -> float:
+    return 100.0 if metric in PERCENT_METRICS else 1.0
+
+
+def _lines(frame: pl.DataFrame, hue: list[str]) -> list[tuple[str, pl.DataFrame]]:
+    labels = group_labels(frame, hue)
+    if not hue:
+        return [(labels[()], frame)]
+    return [(labels[tuple(key)], group) for key, group in frame.group_by(hue, maintain_order=True)]
+
+
+def _left_out(counts: pl.DataFrame, hue: list[str], include_diverged: bool) -> dict[str, str]:
+    """Per line label: what its points leave out ("2 failed, 1 diverged excluded")."""
+    notes: dict[str, str] = {}
+    for label, group in _lines(counts, hue):
+        failed, diverged = int(group["failed"].sum()), int(group["diverged"].sum())
+        unfinished = int(group["unfinished"].sum())
+        parts = [f"{failed} failed"] if failed else []
+        if diverged:
+            parts.append(f"{diverged} diverged " + ("incl." if include_diverged else "excluded"))
+        if unfinished:
+            parts.append(f"{unfinished} unfinished")
+        notes[label] = ", ".join(parts)
+    return notes
+
+
+def _legend_label(label: str, group: pl.DataFrame, notes: dict[str, str]) -> str:
+    seeds = int(group["n"].max()) if group.height else 0
+    note = notes.get(label, "")
+    return f"{label} (n={seeds}" + (f"; {note})" if note else ")")
+
+
+def _curve_panel(ax: Axes, agg: Aggregates, metric: str, fits: list[FitSummary | FitFailure]) -> None:
+    """One metric: mean over seeds per line with its CI band, against batch size or by setting."""
+    lay, scale = agg.layout, _scale(metric)
+    curves = agg.curves[metric]
+    notes = _left_out(agg.counts, lay.hue, agg.include_diverged)
+    if lay.x is None:
+        _setting_points(ax, curves, lay.hue, scale, notes)
+    else:
+        fitted = {f.label: f for f in fits if isinstance(f, FitSummary)}
+        for label, group in _lines(curves, lay.hue):
+            group = group.sort(lay.x)
+            xs = group[lay.x].to_numpy()
+            line, = ax.plot(xs, group["mean"] * scale, marker="o",
+                            label=_legend_label(label, group, notes))
+            ax.fill_between(xs, group["ci_low"] * scale, group["ci_high"] * scale,
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+            if label in fitted:
+                fit = fitted[label]
+                ax.plot(fit.grid, fit.fit(fit.grid) * scale, linestyle="--", linewidth=1,
+                        color=line.get_color())
+                ax.fill_between(fit.grid, fit.band_low * scale, fit.band_high * scale,
+                                color=line.get_color(), alpha=0.08, linewidth=0)
+        _batch_axis(ax, sorted(agg.trials[lay.x].unique().to_list()))
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.grid(alpha=0.3)
+
+
+def _setting_points(ax: Axes, stats: pl.DataFrame, hue: list[str], scale: float,
+                    notes: dict[str, str]) -> None:
+    """No batch-size axis: one point per setting with its CI as an error bar."""
+    lines = _lines(stats, hue)
+    for i, (label, group) in enumerate(lines):
+        mean = float(group["mean"][0]) * scale
+        low, high = float(group["ci_low"][0]) * scale, float(group["ci_high"][0]) * scale
+        ax.errorbar([i], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=4,
+                    label=_legend_label(label, group, notes))
+    ax.set_xticks(range(len(lines)), [label for label, _ in lines], rotation=30, ha="right")
+    ax.set_xlabel(", ".join(axis_name(h) for h in hue) or "setting")
+
+
+def _chance(ax: Axes, trials: pl.DataFrame, metric: str) -> None:
+    chance = trials["zeroshot_chance"].drop_nulls()
+    if metric == "zeroshot_top1" and chance.len():
+        ax.axhline(100 * chance[0], color="grey", linestyle=":", label="chance")
+
+
+def plot_accuracy(agg: Aggregates, fits: list[FitSummary | FitFailure], out: Path) -> list[Path]:
+    """Zero-shot top-1 against batch size (SigLIP Fig. 2): mean ± bootstrap CI, fits dashed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _curve_panel(ax, agg, "zeroshot_top1", fits)
+    _chance(ax, agg.trials, "zeroshot_top1")
+    seeds = "seeds" if agg.layout.seed else "trials"
+    ax.set_title(f"Zero-shot accuracy: mean over {seeds}, band = {LEVEL:.0%} bootstrap CI"
+                 + (", dashed = power-law fit" if any(isinstance(f, FitSummary) for f in fits) else ""),
+                 fontsize=10)
+    _legend(ax)
+    return save(fig, out, "accuracy_vs_batch")
+
+
+def plot_retrieval(agg: Aggregates, out: Path) -> list[Path]:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    for ax, metric in zip(axes[0], ("retrieval_i2t_r1", "retrieval_t2i_r1")):
+        _curve_panel(ax, agg, metric, [])
+        ax.set_title(METRIC_LABELS[metric].replace(" (%)", "") + f" ({LEVEL:.0%} CI band)",
+                     fontsize=10)
+        _legend(ax)
+    return save(fig, out, "retrieval_vs_batch")
+
+
+INSTABILITY = (
+    ("spike_rate_per_1k", "grad-norm spikes per 1,000 steps (mean over seeds)"),
+    ("max_spike_ratio", "largest spike: grad norm / running median (max over seeds)"),
+    ("fraction_diverged", "fraction of seeds diverged"),
+)
+
+
+def plot_instability(agg: Aggregates, out: Path) -> list[Path]:
+    """Why large batches degrade: spike rate, worst spike and divergence per line (loss, β2, …)."""
+    lay = agg.layout
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), squeeze=False)
+    for ax, (column, ylabel) in zip(axes[0], INSTABILITY):
+        frame = agg.instability
+        lines = _lines(frame, lay.hue)
+        for i, (label, group) in enumerate(lines):
+            if lay.x is None:
+                ax.plot([i], group[column].to_list()[:1], marker="o", linestyle="", label=label)
+            else:
+                group = group.sort(lay.x)
+                ax.plot(group[lay.x], group[column], marker="o", label=f"{label} (n={group['n'].max()})")
+        if lay.x is None:
+            ax.set_xticks(range(len(lines)), [label for label, _ in lines], rotation=30, ha="right")
+        else:
+            _batch_axis(ax, sorted(agg.trials[lay.x].unique().to_list()))
+        if column == "max_spike_ratio":
+            ax.set_yscale("log")
+        if column == "fraction_diverged":
+            ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    _legend(axes[0][0])
+    fig.suptitle("Instability (every trial that trained, diverged ones included)", fontsize=11)
+    return save(fig, out, "instability")
+
+
+def init_axes(lay: Layout) -> tuple[list[str], list[str]]:
+    """The heatmap's row axes (the bias setting) and column axes (the temperature init)."""
+    rows = [a for a in lay.hue if a in BIAS_AXES]
+    cols = [a for a in lay.hue if a == "loss.temperature_init"]
+    return rows, cols
+
+
+def plot_init_heatmap(agg: Aggregates, out: Path) -> list[Path]:
+    """Final zero-shot accuracy over the bias × temperature init grid, one panel per other setting."""
+    lay = agg.layout
+    rows, cols = init_axes(lay)
+    rest = [a for a in lay.by if a not in rows + cols]
+    stats = agg.curves["zeroshot_top1"]
+    panels = _lines(stats, rest)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 2.2 * len(panels), 4.5), squeeze=False)
+    row_labels = group_labels(stats.sort(rows, nulls_last=True), rows)
+    col_labels = group_labels(stats.sort(cols, nulls_last=True), cols)
+    for ax, (title, group) in zip(axes[0], panels):
+        grid = np.full((len(row_labels), len(col_labels)), np.nan)
+        text = [["" for _ in col_labels] for _ in row_labels]
+        for r in group.iter_rows(named=True):
+            i = list(row_labels).index(tuple(r[a] for a in rows))
+            j = list(col_labels).index(tuple(r[a] for a in cols))
+            grid[i, j] = 100 * r["mean"]
+            text[i][j] = f"{100 * r['mean']:.1f}\n±{50 * (r['ci_high'] - r['ci_low']):.1f}"
+        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        for i, row in enumerate(text):
+            for j, cell in enumerate(row):
+                ax.text(j, i, cell, ha="center", va="center", fontsize=8, color="white")
+        ax.set_yticks(range(len(row_labels)), list(row_labels.values()))
+        ax.set_xticks(range(len(col_labels)), list(col_labels.values()))
+        ax.set_xlabel("temperature init t₀ (logit scale)" if cols else "")
+        ax.set_ylabel("sigmoid bias init b₀" if rows else "")
+        ax.set_title(title if rest else "", fontsize=10)
+        fig.colorbar(image, ax=ax, label="zero-shot top-1 (%)")
+    fig.suptitle(f"Init sensitivity: final zero-shot top-1, mean ± half {LEVEL:.0%} CI width",
+                 fontsize=11)
+    return save(fig, out, "init_sensitivity")
+
+
+def _trial_groups(agg: Aggregates, steps: pl.DataFrame) -> pl.DataFrame:
+    keys = [k for k in agg.layout.by + ([agg.layout.seed] if agg.layout.seed else [])]
+    return steps.join(agg.trials.select(["trial_id", "status"] + keys), on="trial_id")
+
+
+def plot_early_loss(agg: Aggregates, out: Path) -> list[Path]:
+    """Training loss over the first part of training, mean over seeds, one line per setting."""
+    lay = agg.layout
+    rest = [a for a in ([lay.x] if lay.x else []) if a]
+    early = _trial_groups(agg, agg.early)
+    mean = early.group_by(lay.hue + rest + ["bin"]).agg(
+        pl.col("examples_seen").max(), pl.col("loss").mean()
+    )
+    panels = _lines(mean, rest)[:MAX_FACETS]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (title, panel) in zip(axes[0], panels):
+        for label, group in _lines(panel, lay.hue):
+            group = group.sort("bin")
+            ax.plot(group["examples_seen"], group["loss"], label=label, linewidth=1.2)
+        ax.set_xlabel(EXAMPLES_LABEL)
+        ax.set_ylabel("training loss (nats, mean over seeds)")
+        ax.set_title(title if rest else "", fontsize=10)
+        ax.grid(alpha=0.3)
+    _legend(axes[0][0])
+    fig.suptitle("Early training loss per setting", fontsize=11)
+    return save(fig, out, "early_loss")
+
+
+TRACE_ROWS = (
+    ("loss", "training loss (nats)", False),
+    ("grad_norm_max", "grad norm (pre-clip, max per bin; × = spike)", True),
+    ("temperature", "logit scale t", True),
+    ("bias", "sigmoid bias b", False),
+    ("adam_staleness", "Adam staleness", False),
+)
+
+
+def plot_traces(agg: Aggregates, out: Path) -> list[Path]:
+    """Per-trial traces as small multiples: one column per value of the facet axis, one row per
+    quantity; each trial one thin line, coloured by its setting (seeds share a colour)."""
+    lay = agg.layout
+    facet = [lay.x] if lay.x else []
+    traces = _trial_groups(agg, agg.traces)
+    rows = [r for r in TRACE_ROWS if r[0] in traces.columns and traces[r[0]].drop_nulls().len()]
+    panels = _lines(traces.sort(facet) if facet else traces, facet)
+    left_out = len(panels) - MAX_FACETS
+    if left_out > 0:
+        keep = np.linspace(0, len(panels) - 1, MAX_FACETS).round().astype(int)
+        panels = [panels[i] for i in keep]
+    colours = _colours(group_labels(traces, lay.hue))
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(3.4 * len(panels), 2.3 * len(rows)),
+                             squeeze=False, sharex="col")
+    for j, (title, panel) in enumerate(panels):
+        trials = [(line_label(trial.row(0, named=True), lay.hue), trial.sort("bin"))
+                  for _, trial in panel.group_by(["trial_id"], maintain_order=True)]
+        for i, (column, ylabel, log) in enumerate(rows):
+            ax = axes[i][j]
+            for label, trial in trials:
+                ax.plot(trial["examples_seen"], trial[column], color=colours[label], linewidth=0.8,
+                        alpha=0.8, label=label)
+            if column == "grad_norm_max":
+                spikes = panel.filter(pl.col("spikes") > 0)
+                ax.scatter(spikes["examples_seen"], spikes["grad_norm_max"], marker="x",
+                           color="red", s=18, zorder=3)
+            if log:
+                ax.set_yscale("log")
+            if j == 0:
+                ax.set_ylabel(ylabel, fontsize=8)
+        axes[0][j].set_title(title if facet else "all trials", fontsize=9)
+        axes[-1][j].set_xlabel(EXAMPLES_LABEL, fontsize=8)
+    handles = {line.get_label(): line for line in axes[0][0].get_lines()}
+    for ax in axes[0][1:]:
+        handles.update({line.get_label(): line for line in ax.get_lines()})
+    fig.legend(list(handles.values())[:MAX_LEGEND_LINES], list(handles)[:MAX_LEGEND_LINES],
+               loc="upper center", ncol=min(len(handles), 5), fontsize=8, bbox_to_anchor=(0.5, 1.0))
+    note = f" ({left_out} of {left_out + MAX_FACETS} columns left out)" if left_out > 0 else ""
+    fig.suptitle(f"Per-trial traces{note}", fontsize=11, y=1.04)
+    return save(fig, out, "traces")
+
+
+def _colours(labels: dict[Any, str]) -> dict[str, Any]:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = list(dict.fromkeys(labels.values()))
+    cmap = plt.get_cmap("tab20")
+    return {name: (cycle[i] if len(names) <= len(cycle) else cmap(i % 20)) for i, name in enumerate(names)}
+
+
+def plot_grad_norms(agg: Aggregates, out: Path) -> list[Path]:
+    """Every trial's gradient norm (max per bin, log scale) with spikes marked, one panel per loss."""
+    traces = _trial_groups(agg, agg.traces)
+    if "loss.kind" not in traces.columns:
+        traces = traces.join(agg.trials.select("trial_id", "loss.kind"), on="trial_id")
+    kinds = sorted(traces["loss.kind"].unique().to_list()) or ["(no steps recorded)"]
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(9, 3.2 * len(kinds)), squeeze=False)
+    keys = [a for a in agg.layout.by + ([agg.layout.seed] if agg.layout.seed else [])
+            if a != "loss.kind"]
+    for ax, kind in zip(axes[:, 0], kinds):
+        panel = traces.filter(pl.col("loss.kind") == kind)
+        lines = 0
+        for _, trial in panel.group_by(["trial_id"], maintain_order=True):
+            trial = trial.sort("bin")
+            ax.plot(trial["examples_seen"], trial["grad_norm_max"], linewidth=0.8,
+                    label=line_label(trial.row(0, named=True), keys))
+            lines += 1
+        spikes = panel.filter(pl.col("spikes") > 0)
+        ax.scatter(spikes["examples_seen"], spikes["grad_norm_max"], marker="x", color="red",
+                   zorder=3, s=24)
+        ax.set_yscale("log")
+        ax.set_xlabel(EXAMPLES_LABEL)
+        ax.set_ylabel("grad norm (pre-clip, max per bin)")
+        ax.set_title(f"{kind}: gradient norm per trial, spikes marked ×", fontsize=10)
+        if 0 < lines <= MAX_LEGEND_LINES:
+            ax.legend(fontsize=7, ncol=2)
+    return save(fig, out, "grad_norm")
+
+
+def has_init_grid(lay: Layout) -> bool:
+    rows, cols = init_axes(lay)
+    return bool(rows or cols)

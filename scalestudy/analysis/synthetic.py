@@ -1,0 +1,127 @@
+"""A synthetic run directory in the store's own layout, written with the store's own writers.
+
+For the report benchmark (1,000 trials × 10,000 steps without training any of them) and for tests
+that need failed and diverged trials on demand. Nothing here trains: each trial's history is drawn
+from a known model, so an analysis can be checked against the truth it should recover.
+
+Accuracy follows a saturating power law in the batch size, acc(B) = y_inf − c·B^−α, per loss
+(`TRUTH`), plus Gaussian seed noise; the loss decays exponentially; the gradient norm is
+log-normal with occasional spikes, more of them at larger batch sizes and with beta2 = 0.999.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import yaml
+
+from scalestudy.expand import Trial, expand
+from scalestudy.results import write_results
+from scalestudy.spec import StudySpec
+from scalestudy.store import RunStore, atomic_write_json, atomic_write_parquet, atomic_write_text
+
+# (y_inf, c, alpha) per loss: sigmoid higher at small batch, both near 0.6 at large (SigLIP Fig. 2).
+TRUTH: dict[str, tuple[float, float, float]] = {
+    "softmax": (0.60, 0.90, 0.5),
+    "sigmoid": (0.62, 0.60, 0.5),
+}
+SEED_NOISE = 0.01
+CHANCE = 1 / 40
+
+
+def true_accuracy(kind: str, batch: int) -> float:
+    y_inf, c, alpha = TRUTH[kind]
+    return y_inf - c * batch ** -alpha
+
+
+def synthetic_steps(trial: Trial, steps: int, rng: np.random.Generator, stop: int | None = None) -> pl.DataFrame:
+    """Per-step rows in the contract's columns for `steps` steps (or until `stop`)."""
+    cfg = trial.config
+    n = stop or steps
+    step = np.arange(1, n + 1)
+    batch = cfg.train.batch_size
+    loss = math.log(batch) * np.exp(-step / (steps / 3)) + 0.3 + rng.normal(0, 0.02, n)
+    grad = np.exp(rng.normal(0.0, 0.2, n))
+    spike_p = 0.0005 * math.log2(batch) * (3 if cfg.optim.beta2 > 0.99 else 1)
+    spiking = rng.random(n) < spike_p
+    grad = np.where(spiking, grad * rng.uniform(4, 20, n), grad)
+    sigmoid = cfg.loss.kind == "sigmoid"
+    bias_init = trial.derived.bias_init
+    bias = (np.linspace(bias_init, bias_init / 2, n) if sigmoid and bias_init is not None
+            else np.full(n, np.nan))
+    return pl.DataFrame({
+        "step": step,
+        "examples_seen": step * batch,
+        "loss": loss,
+        "grad_norm": grad,
+        "lr": np.full(n, trial.derived.lr),
+        "temperature": np.linspace(trial.derived.temperature_init, 30.0, n),
+        "bias": bias,
+        "is_spike": spiking,
+        "spike_ratio": grad,
+        "is_loss_spike": np.zeros(n, dtype=bool),
+        "loss_spike_ratio": np.ones(n),
+        "step_time_s": np.full(n, 0.01),
+        "adam_staleness": np.abs(rng.normal(0.1, 0.02, n)),
+    }).with_columns(pl.col("bias").fill_nan(None))
+
+
+Outcome = Callable[[Trial], str]
+
+
+def write_synthetic_run(out: str | Path, study: dict[str, Any], steps: int | None = None,
+                        status_of: Outcome = lambda trial: "done", seed: int = 0) -> RunStore:
+    """Write `study` (a study mapping) as if it had run: every trial finished as `status_of` says.
+
+    `steps` fixes every trial's length (default: the trial's own derived steps). A `diverged`
+    trial stops at half its steps; a `failed` one keeps a partial history, no summary and an error.
+    Returns the run directory's store, with results.parquet written by the real results code.
+    """
+    spec = StudySpec.model_validate(study)
+    trials = expand(spec)
+    store = RunStore(Path(out) / spec.name)
+    atomic_write_text(store.study_path, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    rng = np.random.default_rng(seed)
+    for trial in trials:
+        ts = store.add_trial(trial)
+        status = status_of(trial)
+        length = steps or trial.derived.steps
+        stop = length // 2 if status in ("diverged", "failed") else None
+        metrics = synthetic_steps(trial, length, rng, stop)
+        atomic_write_parquet(ts.metrics_dir / f"{1:09d}-{metrics.height:09d}.parquet", metrics)
+        now = time.time()
+        error = {"failed": "RuntimeError: synthetic failure",
+                 "diverged": f"diverged at step {metrics.height}: non-finite loss"}.get(status)
+        ts.update_state(status=status, attempts=1, started_at=now, finished_at=now,
+                        step=metrics.height, error=error)
+        if status == "failed":
+            continue
+        accuracy = true_accuracy(trial.config.loss.kind, trial.config.train.batch_size)
+        accuracy += float(rng.normal(0, SEED_NOISE))
+        spikes = metrics.filter(pl.col("is_spike"))
+        atomic_write_json(ts.summary_path, {
+            "steps": length,
+            "examples_seen": length * trial.config.train.batch_size,
+            "step": metrics.height,
+            "final_loss": None if status == "diverged" else float(metrics["loss"].tail(10).mean()),
+            "zeroshot_top1": accuracy,
+            "zeroshot_chance": CHANCE,
+            "best_zeroshot_top1": accuracy,
+            "retrieval_i2t_r1": accuracy * 0.8,
+            "retrieval_t2i_r1": accuracy * 0.7,
+            "spike_count": spikes.height,
+            "max_spike_ratio": float(metrics["spike_ratio"].max()),
+            "first_spike_step": int(spikes["step"].min()) if spikes.height else None,
+            "spike_rate_per_1k": 1000 * spikes.height / metrics.height,
+            "diverged": status == "diverged",
+            "wall_s": 0.01 * metrics.height,
+            "samples_per_s": 100.0 * trial.config.train.batch_size,
+        })
+    write_results(store)
+    return store

@@ -11,17 +11,20 @@ states: 10 running, 4 failed, diverging large-batch sigmoid trials, the rest don
 is reused when it already holds the full set (writing it takes about a minute here).
 
 Timings are taken inside the page (`performance.now()`): the overview from navigation start to its
-table of 200 rows drawn; the instability view from the route change to all 20 grad-norm traces
-(every point) and the aligned panels drawn. Results are recorded in benchmarks/README.md.
+table of 200 rows drawn; the instability view of the 20 spikiest trials from the route change (a
+click from the overview) and, cold, from navigation start when opened by its URL, to all 20
+grad-norm traces (every point, checked) and the aligned loss/temperature/bias/staleness panels
+drawn. Results are recorded in benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -160,7 +163,7 @@ def wait_timing(driver, view: str, timeout: float = 60.0) -> float:
         value = driver.execute_script(f"return (window.scalestudy && window.scalestudy.timings['{view}']) || null")
         if value is not None:
             return float(value)
-        time.sleep(0.02)
+        time.sleep(0.1)  # the timing is taken in the page; polling often would only add load
     raise TimeoutError(f"the {view} view did not finish rendering within {timeout} s")
 
 
@@ -170,39 +173,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from scalestudy.dashboard.server import make_server
-
     store = write_run(Path(args.dir))
-    server = make_server(store.root, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    # The server as a user starts it, in its own process (not sharing this one's interpreter).
+    server = subprocess.Popen([sys.executable, "-m", "scalestudy.cli", "dashboard", str(store.root),
+                               "--port", "0"], stderr=subprocess.PIPE, text=True)
+    line = server.stderr.readline()
+    address = re.search(r"http://127\.0\.0\.1:\d+/", line)
+    if not address:
+        server.kill()
+        raise RuntimeError(f"the dashboard did not start: {line}{server.stderr.read()}")
+    url = address.group(0)
     # The 20 trials with the most spikes: what a researcher chasing spikes would open.
     spiky = sorted(store.trial_ids(), key=lambda t: -len(
         store.trial(t).metrics().filter(is_spike=True)))[:20]
-    overview, instability = [], []
+    every_point = {"traces": 20, "points": sum(store.trial(t).metrics().height for t in spiky)}
+    instability_url = f"{url}#/instability?trials={','.join(spiky)}"
+    times: dict[str, list[float]] = {"overview": [], "from overview": [], "data": [], "direct": []}
     with tempfile.TemporaryDirectory() as user_data:
         driver = browser(user_data)
         try:
             for _ in range(args.repeats):
                 driver.get("about:blank")
                 driver.get(url)
-                overview.append(wait_timing(driver, "overview"))
+                times["overview"].append(wait_timing(driver, "overview"))
                 rows = driver.execute_script("return document.querySelectorAll('#trials tbody tr').length")
                 assert rows == 200, f"overview shows {rows} rows, expected 200"
+                # As a user does it: from the overview to the instability view (a route change).
                 driver.execute_script("delete window.scalestudy.timings.instability; "
-                                      f"location.hash = '#/instability?trials={','.join(spiky)}'")
-                instability.append(wait_timing(driver, "instability"))
-                traces = driver.execute_script("return window.scalestudy.drawnPoints()")
-                assert traces == {"traces": 20, "points": sum(
-                    store.trial(t).metrics().height for t in spiky)}, traces
+                                      "delete window.scalestudy.timings['instability.data']; "
+                                      f"location.hash = '{instability_url[len(url):]}'")
+                times["from overview"].append(wait_timing(driver, "instability"))
+                times["data"].append(wait_timing(driver, "instability.data"))
+                drawn = driver.execute_script("return window.scalestudy.drawnPoints()")
+                assert drawn == every_point, f"drew {drawn}, expected every point: {every_point}"
+                # Opened directly by its URL: page load, overview and histories, all from cold.
+                driver.get("about:blank")
+                driver.get(instability_url)
+                times["direct"].append(wait_timing(driver, "instability"))
+                assert driver.execute_script("return window.scalestudy.drawnPoints()") == every_point
         finally:
             driver.quit()
-            server.shutdown()
-    print(f"overview (navigation → 200-row table): median {statistics.median(overview):.0f} ms "
-          f"(runs: {', '.join(f'{v:.0f}' for v in overview)})")
-    print(f"instability, 20 traces × every step + aligned panels: median "
-          f"{statistics.median(instability):.0f} ms (runs: {', '.join(f'{v:.0f}' for v in instability)})")
-    ok = statistics.median(overview) < 1000 and statistics.median(instability) < 2000
+            server.terminate()
+            server.wait(timeout=30)
+    labels = {"overview": "overview, navigation → 200-row table drawn",
+              "from overview": f"instability from the overview, route change → 20 traces × every step "
+                               f"({every_point['points']} points) + 4 aligned panels drawn",
+              "data": "  of which fetching the 20 histories (the rest is drawing)",
+              "direct": "instability opened by URL, navigation → the same drawn"}
+    for key, label in labels.items():
+        print(f"{label}: median {statistics.median(times[key]):.0f} ms "
+              f"(runs: {', '.join(f'{v:.0f}' for v in times[key])})")
+    ok = statistics.median(times["overview"]) < 1000 and max(
+        statistics.median(times["from overview"]), statistics.median(times["direct"])) < 2000
     print("targets (overview < 1 s, instability < 2 s):", "met" if ok else "NOT met")
     return 0 if ok else 1
 

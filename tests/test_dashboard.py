@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pytest
 import yaml
 
@@ -53,7 +54,7 @@ def serve(run_dir: Path) -> Iterator[str]:
 
 def serving(root: Path) -> Iterator[str]:
     server = make_server(root, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -105,7 +106,8 @@ def continue_trial(ts: TrialStore, steps: int, spike_at: int | None = None) -> i
     rows = []
     for step in range(last["step"] + 1, last["step"] + steps + 1):
         spike = step == spike_at
-        rows.append({**last, "step": step, "is_spike": spike, "spike_ratio": 50.0 if spike else 1.0,
+        rows.append({**last, "step": step, "examples_seen": step * last["examples_seen"] // last["step"],
+                     "is_spike": spike, "spike_ratio": 50.0 if spike else 1.0,
                      "grad_norm": last["grad_norm"] * (50 if spike else 1)})
     ts.append_metrics(rows)
     return rows[-1]["step"]
@@ -170,6 +172,19 @@ def test_polling_reads_only_the_parts_that_end_after_the_step_asked(run_dir):
     history = ts.metric_parts()[0]
     history.write_bytes(b"not parquet")  # only a full re-read would notice
     assert metrics_after(ts, 16)["step"].to_list() == [17, 18, 19]
+
+
+def test_a_history_in_many_parts_reads_back_as_the_store_reads_it(run_dir):
+    ts = trials(run_dir)["sigmoid"]
+    continue_trial(ts, steps=3)
+    continue_trial(ts, steps=3)
+    assert len(ts.metric_parts()) == 3
+    assert metrics_after(ts, 0).equals(ts.metrics())
+    # A part overlapping another (not what a trial writes) is resolved as the store does: last wins.
+    rewritten = ts.metrics().filter(step=21).with_columns(loss=pl.lit(123.0))
+    rewritten.write_parquet(ts.metrics_dir / "000000021-000000021.parquet")
+    assert metrics_after(ts, 0).equals(ts.metrics())
+    assert metrics_after(ts, 20)["loss"].to_list()[0] == 123.0
 
 
 def test_a_corrupt_trial_is_flagged_and_the_rest_of_the_run_still_renders(serve, run_dir):
@@ -240,14 +255,14 @@ def test_no_request_changes_the_run_directory(serve, run_dir):
     assert tree_digest(run_dir) == before
 
 
-def test_scaling_curves_are_the_reports_seed_means_from_current_results(serve, run_dir):
+def test_scaling_curves_are_the_reports_seed_statistics_from_current_results(serve, run_dir):
     data = get_json(f"{serve}/api/scaling?x=train.batch_size&y=zeroshot_top1&by=loss.kind")
     curves = {c["name"]: c["points"] for c in data["curves"]}
     assert set(curves) == {"softmax", "sigmoid"}
     for kind, ts in trials(run_dir).items():
-        [[batch, mean, std, seeds]] = curves[kind]
+        [[batch, mean, std, seeds, ci_low, ci_high]] = curves[kind]
         assert (batch, std, seeds) == (32, 0.0, 1)
-        assert mean == pytest.approx(ts.summary()["zeroshot_top1"])
+        assert mean == ci_low == ci_high == pytest.approx(ts.summary()["zeroshot_top1"])
     assert data["chance"] == pytest.approx(1 / 40)
     assert get(f"{serve}/api/scaling?y=os.system")[0] == 404
 

@@ -22,8 +22,9 @@ import pytest
 import yaml
 
 from scalestudy.cli import main
-from scalestudy.store import RunStore, TrialStore
+from scalestudy.store import RunStore
 from tests.conftest import tiny_study
+from tests.test_dashboard import continue_trial
 
 pytestmark = pytest.mark.browser
 
@@ -109,26 +110,14 @@ def css(driver, selector: str):
     return driver.find_elements(By.CSS_SELECTOR, selector)
 
 
-def append_steps(ts: TrialStore, steps: int, spike_at: int) -> int:
-    """Mark the trial running and append `steps` rows with its own writer, a 50× grad-norm spike at
-    `spike_at`; returns the last step."""
-    last = ts.metrics().row(-1, named=True)
-    ts.update_state(status="running")
-    rows = [{**last, "step": s, "examples_seen": s * 32, "is_spike": s == spike_at,
-             "spike_ratio": 50.0 if s == spike_at else 1.0,
-             "grad_norm": last["grad_norm"] * (50 if s == spike_at else 1)}
-            for s in range(last["step"] + 1, last["step"] + steps + 1)]
-    ts.append_metrics(rows)
-    return rows[-1]["step"]
-
-
 def test_the_page_lists_trials_marks_a_spike_and_shows_new_steps_without_a_reload(
         run_dir, dashboard, browser):
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 
     ts = RunStore(run_dir).trial(RunStore(run_dir).trial_ids()[0])
     first_spike = 20
-    append_steps(ts, steps=10, spike_at=first_spike)  # steps 17–26, as a trial still training
+    continue_trial(ts, steps=10, spike_at=first_spike)  # steps 17–26, as a trial still training
 
     browser.get(dashboard)
     rows = wait_for(browser, lambda d: css(d, "#trials tbody tr") or False, what="the trial table")
@@ -149,8 +138,17 @@ def test_the_page_lists_trials_marks_a_spike_and_shows_new_steps_without_a_reloa
                        what="the hover tooltip")
     assert f"step {first_spike}" in tooltip and "spike" in tooltip
 
+    # Wheel-zooming at the left edge leaves the spike out of view; a double-click shows it all again.
+    for _ in range(10):
+        ActionChains(browser).scroll_from_origin(
+            ScrollOrigin.from_element(plot, -plot.size["width"] // 2 + 60, 0), 0, -100).perform()
+    spike_marker = f'circle.spike[data-step="{first_spike}"]'
+    wait_for(browser, lambda d: not css(d, spike_marker), what="the zoom to leave the spike out")
+    ActionChains(browser).double_click(plot).perform()
+    wait_for(browser, lambda d: css(d, spike_marker), what="a double-click to show the whole run")
+
     browser.execute_script("window.notReloaded = true; performance.clearResourceTimings()")
-    last = append_steps(ts, steps=5, spike_at=29)  # steps 27–31, while the page is open
+    last = continue_trial(ts, steps=5, spike_at=29)  # steps 27–31, while the page is open
     wait_for(browser, lambda d: css(d, f'circle.spike[data-step="29"]'), timeout=LIVE_WAIT_S,
              what="the appended spike")
     legend_step = css(browser, f'.legend-item[data-trial="{ts.trial_id}"] .last-step')[0]
@@ -163,3 +161,25 @@ def test_the_page_lists_trials_marks_a_spike_and_shows_new_steps_without_a_reloa
         f"polls must ask only for steps after the last one shown, not the history: {asked}"
     assert browser.execute_script("return window.scalestudy.drawnPoints()") == \
         {"traces": 1, "points": last}
+
+
+def test_the_run_view_shows_a_trials_config_and_evaluations_and_the_scaling_view_its_curve(
+        run_dir, dashboard, browser):
+    trial_id = RunStore(run_dir).trial_ids()[0]
+    browser.get(f"{dashboard}#/trial/{trial_id}")
+    info = wait_for(browser, lambda d: (css(d, "#trial-info") or [None])[0].text or False,
+                    what="the trial's details")
+    assert "loss.kind" in info and "sigmoid" in info
+    evals = wait_for(browser, lambda d: css(d, "#evals table tr"), what="the evaluations table")
+    assert len(evals) == 1 + len(RunStore(run_dir).trial(trial_id).evals())
+    wait_for(browser, lambda d: css(d, '.plot[data-title="loss"]'), what="the loss trace")
+
+    browser.get(f"{dashboard}#/scaling")
+    # The one trial is still "running" (the first test made it so): no result to plot yet ...
+    notice = wait_for(browser, lambda d: css(d, "#scaling-plot .notice"), what="the scaling view")
+    assert "No finished trials" in notice[0].text
+    # ... until it finishes: its point appears without a reload.
+    RunStore(run_dir).trial(trial_id).update_state(status="done")
+    point = wait_for(browser, lambda d: css(d, "svg.scaling circle title"), timeout=LIVE_WAIT_S,
+                     what="the finished trial's point")
+    assert "loss.kind=sigmoid, train.batch_size=32" in point[0].get_attribute("textContent")

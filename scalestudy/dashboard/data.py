@@ -9,7 +9,8 @@
 - `encode_columns`: those rows as raw little-endian float64 columns, which the browser views as
   Float64Arrays without parsing (20 traces × 10,000 steps is 10+ MB; as JSON it would take longer to
   print and parse than the whole render budget).
-- `Dashboard.scaling(...)`: the report's seed-averaged curves (`seed_curves`), from current results.
+- `Dashboard.scaling(...)`: the report's curves over seeds (`analysis.aggregate.seed_stats`), from
+  current results.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from scalestudy.analysis.report import seed_curves
+from scalestudy.analysis.aggregate import LEVEL, curve_trials, seed_stats
 from scalestudy.errors import ScalestudyError, StoreError
 from scalestudy.results import study_axes, study_trial_ids, trial_row
 from scalestudy.store import FINAL_STATES, RunStore, TrialStore, read_parts
@@ -47,12 +48,27 @@ class NotFound(ScalestudyError):
     """A URL names a trial or file the run directory does not have."""
 
 
-def part_last_step(part: Path) -> int | None:
-    """The last step a metrics part holds, from its name `<first>-<last>.parquet`; None if unnamed."""
+def part_range(part: Path) -> tuple[int, int] | None:
+    """(first, last) step of a metrics part, from its name `<first>-<last>.parquet`; None if unnamed."""
     try:
-        return int(part.stem.split("-")[1])
-    except (IndexError, ValueError):
+        first, last = (int(x) for x in part.stem.split("-"))
+    except ValueError:
         return None
+    return first, last
+
+
+def read_ordered(parts: list[Path]) -> pl.DataFrame:
+    """`read_parts`, without its de-duplication when the names already rule duplicates out.
+
+    A trial writes each part's rows in step order and its parts over disjoint, increasing step
+    ranges (a resumed trial first truncates), so then concatenating in name order is the answer;
+    sorting out duplicate steps costs as much as reading, which matters for 20 traces × 10k steps.
+    """
+    ranges = [part_range(p) for p in parts]
+    if None in ranges or any(a[1] >= b[0] for a, b in zip(ranges, ranges[1:])):  # type: ignore[index]
+        return read_parts(parts)
+    frames = [pl.read_parquet(p) for p in parts]
+    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
 
 
 def metrics_after(ts: TrialStore, after: int) -> pl.DataFrame:
@@ -62,10 +78,9 @@ def metrics_after(ts: TrialStore, after: int) -> pl.DataFrame:
     resumed trial truncates them), so the listing is retried; unreadable parts raise StoreError.
     """
     for _ in range(3):
-        parts = [p for p in ts.metric_parts()
-                 if (last := part_last_step(p)) is None or last > after]
+        parts = [p for p in ts.metric_parts() if (r := part_range(p)) is None or r[1] > after]
         try:
-            frame = read_parts(parts)
+            frame = read_ordered(parts)
         except FileNotFoundError:
             continue
         except (OSError, pl.exceptions.PolarsError) as err:
@@ -73,7 +88,9 @@ def metrics_after(ts: TrialStore, after: int) -> pl.DataFrame:
                 f"{ts.metrics_dir}: unreadable metrics ({err}); the trial's steps cannot be shown "
                 "until the bad part is removed or the trial is re-run"
             ) from None
-        return frame.filter(pl.col("step") > after) if frame.height else frame
+        if not frame.height or frame["step"][0] > after:  # steps ascend: nothing to drop
+            return frame
+        return frame.filter(pl.col("step") > after)
     raise StoreError(f"{ts.metrics_dir}: metric parts kept changing while being read; try again")
 
 
@@ -97,7 +114,7 @@ def jsonable(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value
 
@@ -179,17 +196,26 @@ class Dashboard:
     def __init__(self, root: Path) -> None:
         self.store = RunStore(root)
         self._lock = threading.Lock()
+        self._ids: frozenset[str] = frozenset()
         self._study: tuple[tuple[int, int] | None, StudyInfo] | None = None
         self._rows: dict[str, tuple[tuple[Any, ...], dict[str, Any], str | None]] = {}
         self._live: dict[str, LiveSpikes] = {}
         self._evals: dict[str, tuple[tuple[int, int] | None, dict[str, float]]] = {}
-        self._readable: dict[Path, tuple[int, int]] = {}  # parquet files checked, by version
+        # Per trial, its parquet files whose footers were read, by version.
+        self._readable: dict[str, dict[Path, tuple[int, int] | None]] = {}
         self._problems: dict[str, str] = {}  # trial id → why its metrics cannot be read
+        self._curves: tuple[tuple[Any, ...], pl.DataFrame] | None = None
 
     def trial(self, trial_id: str) -> TrialStore:
-        """The trial's store, only for an id the run directory lists (so a URL never names a path)."""
-        if trial_id not in self.store.trial_ids():
-            raise NotFound(f"no trial {trial_id!r} in {self.store.root}")
+        """The trial's store, only for an id the run directory lists (so a URL never names a path).
+
+        The listing is re-read only for an id not seen before: a poll of 20 traces would otherwise
+        list every trial directory 20 times every 2 s.
+        """
+        if trial_id not in self._ids:
+            self._ids = frozenset(self.store.trial_ids())
+            if trial_id not in self._ids:
+                raise NotFound(f"no trial {trial_id!r} in {self.store.root}")
         return self.store.trial(trial_id)
 
     def _study_info(self) -> StudyInfo:
@@ -212,12 +238,14 @@ class Dashboard:
         """The first metrics/evals file whose footer cannot be read; each file is checked once per
         version, so polling costs a stat per file."""
         files = ts.metric_parts() + ([ts.evals_path] if ts.evals_path.exists() else [])
+        checked = self._readable.get(ts.trial_id, {})
+        readable = self._readable[ts.trial_id] = {}  # only files that still exist stay remembered
         for path in files:
             try:
                 version = file_version(path)
-                if version is not None and self._readable.get(path) != version:
+                if version is not None and checked.get(path) != version:
                     pl.read_parquet_schema(path)
-                    self._readable[path] = version
+                readable[path] = version
             except (OSError, pl.exceptions.PolarsError) as err:
                 return f"{path}: unreadable ({err})"
         return None
@@ -303,20 +331,25 @@ class Dashboard:
                                                "last_step": last, "status": status})
 
     def scaling(self, x: str, y: str, by: str) -> dict[str, Any]:
-        """Mean ± std over seeds of `y` against `x`, one curve per value of `by` (as the report)."""
-        rows, _ = self.rows()
-        frame = pl.DataFrame(rows, infer_schema_length=None).filter(pl.col("in_study")) \
-            if rows else pl.DataFrame()
-        missing = [c for c in (x, y, by) if c not in frame.columns]
+        """The report's curves (analysis.aggregate): per value of `by`, the mean of `y` over seeds
+        against `x` with std and bootstrap CI, from the finished in-study trials as they are now."""
         if y not in SCALING_METRICS:
             raise NotFound(f"cannot plot {y!r}: y is one of {', '.join(SCALING_METRICS)}")
-        if not frame.height or missing:
+        rows, _ = self.rows()
+        frame = curve_trials(pl.DataFrame(rows, infer_schema_length=None)) if rows else pl.DataFrame()
+        if not frame.height or any(c not in frame.columns for c in (x, y, by)):
             return {"x": x, "y": y, "by": by, "curves": [], "chance": None}
-        curves = seed_curves(frame.with_columns(pl.col(y).cast(pl.Float64)), x, y, by)
+        frame = frame.filter(pl.col("in_study")).with_columns(pl.col(y).cast(pl.Float64))
+        # The bootstrap takes a few hundred ms for 200 trials: redo it only when its inputs change.
+        inputs = (x, y, by, tuple(frame.select(by, x, y).rows()))
+        if self._curves is None or self._curves[0] != inputs:
+            self._curves = (inputs, seed_stats(frame, [by, x], y))
+        stats = self._curves[1]
         chance = frame["zeroshot_chance"].drop_nulls() if "zeroshot_chance" in frame.columns else []
         return jsonable({
-            "x": x, "y": y, "by": by,
-            "curves": [{"name": str(key), "points": group.select(x, "mean", "std", "seeds").rows()}
-                       for (key,), group in curves.group_by(by, maintain_order=True)],
+            "x": x, "y": y, "by": by, "level": LEVEL,
+            "curves": [{"name": str(key), "points": group.select(
+                x, "mean", "std", "n", "ci_low", "ci_high").rows()}
+                for (key,), group in stats.group_by(by, maintain_order=True)],
             "chance": chance[0] if len(chance) and y.startswith("zeroshot") else None,
         })

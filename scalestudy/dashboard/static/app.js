@@ -16,7 +16,7 @@ const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948
 const SCALING_METRICS = ["zeroshot_top1", "best_zeroshot_top1", "final_loss", "retrieval_i2t_r1",
   "retrieval_t2i_r1", "spike_count", "max_spike_ratio", "spike_rate_per_1k", "samples_per_s"];
 
-const app = { view: null, polling: false, timings: {} };
+const app = { view: null, polling: false, timings: {}, overview: null };
 // For tests and the benchmark: render timings (ms) per view, and what the grad-norm plots drew.
 window.scalestudy = {
   timings: app.timings,
@@ -37,6 +37,14 @@ const tooltip = {
     this.el.style.top = y + 14 + "px";
   },
 };
+
+// The overview as last fetched: a view opened from the overview page reuses it while it is fresh.
+async function getOverview() {
+  if (!app.overview || performance.now() - app.overview.at > POLL_MS) {
+    app.overview = { data: await getJSON("/api/overview"), at: performance.now() };
+  }
+  return app.overview.data;
+}
 
 async function getJSON(url) {
   const response = await fetch(url, { cache: "no-store" });
@@ -128,6 +136,7 @@ class OverviewView {
 
   async poll() {
     this.data = await getJSON("/api/overview");
+    app.overview = { data: this.data, at: performance.now() };
     this.render();
     if (!this.drawn) { this.drawn = true; app.timings.overview = performance.now() - this.start; }
   }
@@ -223,7 +232,7 @@ class InstabilityView {
       </div>
       <div id="legend"></div><div id="plots"></div>`;
     this.main = main;
-    this.ready = this.init();
+    this.init();
   }
 
   async init() {
@@ -231,7 +240,7 @@ class InstabilityView {
     const asked = (this.params.get("trials") || "").split(",").filter(Boolean);
     const askedTraces = asked.map((id) => new Trace(id));
     const loading = askedTraces.map((t) => fetchMetrics(t, PLOT_COLUMNS));
-    const overview = await getJSON("/api/overview");
+    const overview = await getOverview();
     this.axes = overview.axes;
     this.rows = new Map(overview.trials.map((r) => [r.trial_id, r]));
     this.unknown = asked.filter((id) => !this.rows.has(id));
@@ -244,8 +253,10 @@ class InstabilityView {
     layout.value = this.layout;
     groupBy.onchange = () => { this.group = groupBy.value; this.rebuild(); };
     layout.onchange = () => { this.layout = layout.value; this.rebuild(); };
+    app.timings["instability.data"] = performance.now() - this.start;
     this.build();
     this.axis.drawNow();
+    this.drawn = true;
     app.timings.instability = performance.now() - this.start;
   }
 
@@ -259,11 +270,15 @@ class InstabilityView {
 
   groupOf(trace) { return this.group ? fmt(this.rows.get(trace.id)[this.group]) : ""; }
 
+  groups() {
+    return [...new Set(this.traces.map((t) => this.groupOf(t)))].sort((a, b) => compare(+a, +b) || a.localeCompare(b));
+  }
+
   build() {
     const axis = this.axis = new StepAxis();
     const plots = this.main.querySelector("#plots");
     plots.innerHTML = "";
-    const groups = [...new Set(this.traces.map((t) => this.groupOf(t)))].sort((a, b) => compare(+a, +b) || a.localeCompare(b));
+    const groups = this.groups();
     const byGroup = this.group && this.layout === "overlay";
     this.colour = new Map(this.traces.map((t, i) => [t.id, PALETTE[(byGroup ? groups.indexOf(this.groupOf(t)) : i) % PALETTE.length]]));
     const series = (traces, column) => traces.map((t) => ({ trace: t, column, color: this.colour.get(t.id),
@@ -299,11 +314,11 @@ class InstabilityView {
   }
 
   async poll() {
-    if (!this.traces) return;
+    if (!this.drawn) return; // the first load is still fetching: a poll now would fetch it twice
     const live = this.traces.filter((t) => !FINAL.has(t.status) || t.problem);
     const grew = await Promise.all(live.map((t) => fetchMetrics(t, PLOT_COLUMNS)));
     if (grew.some(Boolean)) this.axis.redraw();
-    if (live.length) this.renderLegend([...new Set(this.traces.map((t) => this.groupOf(t)))].sort((a, b) => compare(+a, +b) || a.localeCompare(b)));
+    if (live.length) this.renderLegend(this.groups());
   }
 }
 
@@ -381,33 +396,36 @@ class ScalingView {
     this.main = main;
     this.params = params;
     main.innerHTML = `<div class="controls"><label>x <select id="sx"></select></label> <label>y <select id="sy"></select></label>
-      <label>one curve per <select id="sby"></select></label> <span class="hint">mean ± std over seeds, finished trials (as the report)</span></div>
+      <label>one curve per <select id="sby"></select></label> <span class="hint">mean over seeds, band = bootstrap CI, finished trials (as the report)</span></div>
       <div id="scaling-plot"></div>`;
     this.init();
   }
 
   async init() {
-    const overview = await getJSON("/api/overview");
+    const overview = await getOverview();
+    // x: a swept numeric key, or batch size (every trial has one) when none is swept.
     const numeric = overview.axes.filter((a) => overview.trials.some((r) => typeof r[a] === "number"));
+    if (!numeric.includes("train.batch_size")) numeric.push("train.batch_size");
     const pick = (name, fallback, options) => {
       const v = this.params.get(name);
       return options.includes(v) ? v : options.includes(fallback) ? fallback : options[0];
     };
+    const lines = overview.axes.includes("loss.kind") ? overview.axes : [...overview.axes, "loss.kind"];
     this.choice = { x: pick("x", "train.batch_size", numeric), y: pick("y", "zeroshot_top1", SCALING_METRICS),
-      by: pick("by", "loss.kind", overview.axes) };
+      by: pick("by", "loss.kind", lines) };
     const fill = (id, options, key) => {
       const sel = this.main.querySelector(id);
       sel.innerHTML = options.map((o) => `<option${o === this.choice[key] ? " selected" : ""}>${escapeHtml(o)}</option>`).join("");
       sel.onchange = () => { this.choice[key] = sel.value; history.replaceState(null, "", "#/scaling?" + new URLSearchParams(this.choice)); this.poll(); };
     };
-    fill("#sx", numeric, "x"); fill("#sy", SCALING_METRICS, "y"); fill("#sby", overview.axes, "by");
+    fill("#sx", numeric, "x"); fill("#sy", SCALING_METRICS, "y"); fill("#sby", lines, "by");
     await this.poll();
     app.timings.scaling = performance.now() - this.start;
   }
 
   async poll() {
     const box = this.main.querySelector("#scaling-plot");
-    if (!this.choice || !this.choice.x) { box.innerHTML = `<div class="notice">The study sweeps no numeric key to plot against.</div>`; return; }
+    if (!this.choice) return;
     try {
       box.innerHTML = scalingSvg(await getJSON("/api/scaling?" + new URLSearchParams(this.choice)), Math.min(900, box.clientWidth || 800), 420);
     } catch (err) {
@@ -423,7 +441,7 @@ function scalingSvg(data, w, h) {
   const xs = pts.map((p) => p[0]), xmin = Math.min(...xs), xmax = Math.max(...xs);
   const log2 = xmin > 0 && xmax / xmin >= 4; // batch sizes: doubling steps, as the report's log2 axis
   const fx = log2 ? Math.log2 : (v) => v;
-  const lo = Math.min(...pts.map((p) => p[1] - p[2]), data.chance ?? Infinity), hi = Math.max(...pts.map((p) => p[1] + p[2]));
+  const lo = Math.min(...pts.map((p) => p[4]), data.chance ?? Infinity), hi = Math.max(...pts.map((p) => p[5]));
   const ypad = (hi - lo) * 0.08 || 1;
   const [y0, y1] = [lo - ypad, hi + ypad], [x0, x1] = [fx(xmin), fx(xmax) === fx(xmin) ? fx(xmin) + 1 : fx(xmax)];
   const tx = (v) => pad.l + ((fx(v) - x0) / (x1 - x0)) * (w - pad.l - pad.r);
@@ -436,9 +454,9 @@ function scalingSvg(data, w, h) {
   if (data.chance !== null && data.chance !== undefined) out += `<line class="chance" x1="${pad.l}" x2="${w - pad.r}" y1="${ty(data.chance)}" y2="${ty(data.chance)}"><title>chance ${formatValue(data.chance)}</title></line>`;
   data.curves.forEach((c, i) => {
     const col = PALETTE[i % PALETTE.length], p = c.points;
-    const band = [...p.map((q) => `${tx(q[0])},${ty(q[1] + q[2])}`), ...p.slice().reverse().map((q) => `${tx(q[0])},${ty(q[1] - q[2])}`)].join(" ");
+    const band = [...p.map((q) => `${tx(q[0])},${ty(q[5])}`), ...p.slice().reverse().map((q) => `${tx(q[0])},${ty(q[4])}`)].join(" ");
     out += `<polygon points="${band}" fill="${col}" opacity="0.18"/><polyline class="curve" points="${p.map((q) => `${tx(q[0])},${ty(q[1])}`).join(" ")}" stroke="${col}" fill="none" stroke-width="2"/>`;
-    out += p.map((q) => `<circle cx="${tx(q[0])}" cy="${ty(q[1])}" r="4" fill="${col}"><title>${escapeHtml(`${data.by}=${c.name}, ${data.x}=${q[0]}: ${formatValue(q[1])} ± ${formatValue(q[2])} (${q[3]} seeds)`)}</title></circle>`).join("");
+    out += p.map((q) => `<circle cx="${tx(q[0])}" cy="${ty(q[1])}" r="4" fill="${col}"><title>${escapeHtml(`${data.by}=${c.name}, ${data.x}=${q[0]}: mean ${formatValue(q[1])}, std ${formatValue(q[2])}, ${Math.round(100 * data.level)} % CI ${formatValue(q[4])}–${formatValue(q[5])} (${q[3]} seeds)`)}</title></circle>`).join("");
     out += `<rect x="${w - pad.r + 12}" y="${pad.t + i * 18}" width="10" height="10" fill="${col}"/><text x="${w - pad.r + 26}" y="${pad.t + 9 + i * 18}">${escapeHtml(`${data.by}=${c.name}`)}</text>`;
   });
   return out + `<rect class="frame" x="${pad.l}" y="${pad.t}" width="${w - pad.l - pad.r}" height="${h - pad.t - pad.b}"/></svg>`;

@@ -35,8 +35,14 @@ class Trace {
     cached.n = this.n;
     return cached.values;
   }
+  // Append a decoded batch; rows at or before the last step held are skipped, so an answer that
+  // overlaps one already appended (two polls in flight) never duplicates a step.
   append(batch) {
-    const need = this.n + batch.rows;
+    const skip = lowerBound(batch.data.step, batch.rows, this.lastStep + 1);
+    const rows = batch.rows - skip;
+    if (rows <= 0) return;
+    if (this.n === 0) return this.adopt(batch, skip);
+    const need = this.n + rows;
     for (const name of batch.columns) {
       let arr = this.cols[name];
       if (!arr) arr = this.cols[name] = new Float64Array(Math.max(16, need)).fill(NaN);
@@ -45,11 +51,19 @@ class Trace {
         grown.set(arr.subarray(0, this.n));
         arr = this.cols[name] = grown;
       }
-      arr.set(batch.data[name], this.n);
+      arr.set(batch.data[name].subarray(skip), this.n);
     }
     const spike = batch.data.is_spike;
-    if (spike) for (let i = 0; i < batch.rows; i++) if (spike[i] === 1) this.spikes.push(this.n + i);
+    if (spike) for (let i = skip; i < batch.rows; i++) if (spike[i] === 1) this.spikes.push(this.n + i - skip);
     this.n = need;
+  }
+  // The first batch (usually the whole history) is kept as the views the answer decoded to:
+  // copying 20 histories would double the memory the first draw allocates and collects.
+  adopt(batch, skip) {
+    for (const name of batch.columns) this.cols[name] = batch.data[name].subarray(skip);
+    const spike = batch.data.is_spike;
+    if (spike) for (let i = skip; i < batch.rows; i++) if (spike[i] === 1) this.spikes.push(i - skip);
+    this.n = batch.rows - skip;
   }
 }
 
@@ -130,7 +144,12 @@ class StepAxis {
     this.pending = true;
     requestAnimationFrame(() => { this.pending = false; this.drawNow(); });
   }
-  drawNow() { for (const p of this.plots) p.draw(); }
+  // Every plot has the page's width: read it once, since reading layout after a plot has changed
+  // its markers forces the browser to lay the page out again (per plot, 100+ ms with 1,000 spikes).
+  drawNow() {
+    const width = this.plots.length ? this.plots[0].el.clientWidth : 0;
+    for (const p of this.plots) p.draw(width);
+  }
 }
 
 // One panel: a title, a y axis (linear or log), the traces' `column`, spike markers optional.
@@ -155,8 +174,8 @@ class Plot {
 
   // Pixel mapping of the shown steps and values: x = ax·step + bx, y = ay·value + by (value in
   // log10 on a log axis), as constants so the per-point loop is plain arithmetic.
-  geometry() {
-    const w = this.el.clientWidth || 600, h = this.height;
+  geometry(width) {
+    const w = width || 600, h = this.height;
     const [x0, x1] = this.axis.shown();
     const [y0, y1] = this.yRange(x0, x1);
     const ax = (w - PAD.l - PAD.r) / (x1 - x0), bx = PAD.l - x0 * ax;
@@ -190,8 +209,8 @@ class Plot {
     return [lo - pad, hi + pad];
   }
 
-  draw() {
-    const g = this.g = this.geometry(), dpr = window.devicePixelRatio || 1;
+  draw(width = this.el.clientWidth) {
+    const g = this.g = this.geometry(width), dpr = window.devicePixelRatio || 1;
     this.canvas.width = g.w * dpr; this.canvas.height = g.h * dpr;
     this.canvas.style.width = g.w + "px"; this.canvas.style.height = g.h + "px";
     this.svg.setAttribute("width", g.w); this.svg.setAttribute("height", g.h);
@@ -259,16 +278,12 @@ class Plot {
     ctx.fillText(this.title + (this.log ? " (log)" : ""), PAD.l, 3);
   }
 
-  // Spikes are SVG circles: few enough to be elements, so each can be hovered, and found by tests.
+  // Spikes are SVG circles: elements a test or a script can find by trial and step; the hover
+  // tooltip (on the plot, at the nearest step) says which point is a spike and by how much.
   drawMarks(marks) {
-    const parts = marks.map(({ s, i, x, y }) => {
-      const step = s.trace.cols.step[i];
-      const ratio = s.trace.cols.spike_ratio ? s.trace.cols.spike_ratio[i] : NaN;
-      const text = `${s.label}: spike at step ${step}, ${s.column} ${formatValue(s.trace.cols[s.column][i])}` +
-        (Number.isFinite(ratio) ? `, ${formatValue(ratio)}× the running median` : "");
-      return `<circle class="spike" cx="${x.toFixed(1)}" cy="${y.toFixed(1)}" r="4" ` +
-        `stroke="${s.color}" data-trial="${s.trace.id}" data-step="${step}"><title>${escapeHtml(text)}</title></circle>`;
-    });
+    const parts = marks.map(({ s, i, x, y }) =>
+      `<circle class="spike" cx="${x.toFixed(1)}" cy="${y.toFixed(1)}" r="4" stroke="${s.color}" ` +
+      `data-trial="${escapeHtml(s.trace.id)}" data-step="${s.trace.cols.step[i]}"></circle>`);
     this.svg.innerHTML = parts.join("") + `<line class="cross" y1="${PAD.t}" y2="${this.height - PAD.b}" visibility="hidden"></line>`;
   }
 
@@ -286,7 +301,9 @@ class Plot {
       const ys = s.trace.cols[s.column];
       if (!ys || !s.trace.n) continue;
       const i = nearestIndex(s.trace.cols.step, s.trace.n, step);
-      const spike = s.trace.cols.is_spike && s.trace.cols.is_spike[i] === 1 ? " ▲ spike" : "";
+      const ratio = s.trace.cols.spike_ratio ? s.trace.cols.spike_ratio[i] : NaN;
+      const spike = s.trace.cols.is_spike && s.trace.cols.is_spike[i] === 1
+        ? ` ○ spike${Number.isFinite(ratio) ? `, ${formatValue(ratio)}× the running median` : ""}` : "";
       rows.push(`<span style="color:${s.color}">■</span> ${escapeHtml(s.label)}: ` +
         `step ${s.trace.cols.step[i]}, <b>${formatValue(ys[i])}</b>${spike}`);
     }

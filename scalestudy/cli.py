@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from scalestudy.errors import ScalestudyError
+from scalestudy.errors import ScalestudyError, UsageError
 from scalestudy.expand import Trial, axes, expand
 from scalestudy.load import load_study
 from scalestudy.spec import StudySpec
@@ -26,7 +26,13 @@ def _load(args: argparse.Namespace) -> tuple[StudySpec, list[Trial]]:
     overrides = list(args.set or [])
     if getattr(args, "executor", None):
         overrides.append(f"executor.kind={args.executor}")
+    if getattr(args, "address", None):
+        # JSON-quoted: YAML 1.1 reads some HOST:PORT-like text (`10:30`) as a base-60 number.
+        overrides.append(f"executor.ray.address={json.dumps(args.address)}")
     study = load_study(args.study, overrides)
+    if getattr(args, "address", None) and study.executor.kind != "ray":
+        raise UsageError(f"--address {args.address} joins a Ray cluster, but executor.kind is "
+                         f"{study.executor.kind}; add --executor ray")
     return study, expand(study, str(args.study))
 
 
@@ -67,16 +73,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     study, trials = _load(args)
     rows = plan_rows(trials)
+    slurm = None
+    if study.executor.kind == "slurm":
+        from scalestudy.executors import slurm as slurm_executor
+
+        slurm = slurm_executor.describe(trials, study)
     if args.json:
-        print(json.dumps({"study": study.name, "trials": rows}, indent=2))
+        print(json.dumps({"study": study.name, "trials": rows,
+                          **({"slurm": slurm} if slurm else {})}, indent=2))
     else:
         print(f"study {study.name}: {len(trials)} trials (swept: {', '.join(axes(study)) or 'nothing'})")
         print(format_table(rows, list(rows[0])))
+        if slurm:
+            print(slurm_executor.format_description(slurm))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from scalestudy.executors import get_executor
+    from scalestudy.executors.base import BatchExecutor
     from scalestudy.results import write_results
 
     study, trials = _load(args)
@@ -85,6 +100,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     atomic_write_text(store.study_path, yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
     for trial in trials:
         store.add_trial(trial)
+    if isinstance(executor, BatchExecutor):  # jobs that died unseen count as failed or preempted
+        executor.job_states(store, [t.trial_id for t in trials])
     states = {t.trial_id: store.trial(t.trial_id).state()["status"] for t in trials}
     skip = set(FINAL_STATES) | ({"failed"} if not args.retry_failed else set())
     todo = [t for t in trials if states[t.trial_id] not in skip]
@@ -95,6 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
              if failed_before and not args.retry_failed else ""))
     if todo:
         executor.run(store, todo, study)
+    if args.wait and isinstance(executor, BatchExecutor):
+        executor.wait(store, [t.trial_id for t in trials])
     frame = write_results(store)
     failed = frame.filter(frame["in_study"] & (frame["status"] == "failed"))
     for row in failed.iter_rows(named=True):
@@ -112,14 +131,52 @@ def cmd_status(args: argparse.Namespace) -> int:
     from scalestudy.results import results_frame, study_axes
 
     store = RunStore.open(args.run_dir)
+    jobs = job_columns(store)  # first: it records ends that only the scheduler saw
     frame = results_frame(store)
+    rows = [{**row, **jobs.get(row["trial_id"], {})} for row in frame.to_dicts()]
     if args.json:
-        print(json.dumps(frame.to_dicts(), indent=2, default=str))
+        print(json.dumps(rows, indent=2, default=str))
         return 0
-    columns = STATUS_COLUMNS[:2] + study_axes(store) + STATUS_COLUMNS[2:]
-    print(format_table(frame.to_dicts(), columns))
+    job_states = sorted({k for j in jobs.values() for k in j if k.endswith("_state")})
+    columns = STATUS_COLUMNS[:2] + job_states + study_axes(store) + STATUS_COLUMNS[2:]
+    print(format_table(rows, columns))
     counts = frame.group_by("status").len().sort("status").iter_rows()
     print("  ".join(f"{status}: {n}" for status, n in counts))
+    for row in rows:
+        if row["status"] in ("failed", "preempted") and (row.get("error") or "").strip():
+            log = store.trial(row["trial_id"]).state().get("log")
+            print(f"\n{row['trial_id']} {row['status']}: {row['error'].strip().splitlines()[-1]}"
+                  + (f"\n  log: {log}" if log else ""))
+    return 0
+
+
+def job_columns(store: RunStore) -> dict[str, dict[str, Any]]:
+    """Per trial run by a batch scheduler: `<backend>_state` (lower case), job_id and log."""
+    from scalestudy.executors import batch_jobs
+
+    columns: dict[str, dict[str, Any]] = {}
+    for executor, trial_ids in batch_jobs(store):
+        for tid, job_state in executor.job_states(store, trial_ids).items():
+            state = store.trial(tid).state()
+            columns[tid] = {f"{executor.name}_state": job_state.lower(),
+                            "job_id": state.get("job_id"), "log": state.get("log")}
+    return columns
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from scalestudy.executors import batch_jobs
+    from scalestudy.results import write_results
+
+    store = RunStore.open(args.run_dir)
+    cancelled = [tid for executor, trial_ids in batch_jobs(store)
+                 for tid in executor.cancel(store, trial_ids)]
+    write_results(store)
+    if not cancelled:
+        print(f"{store.root}: no queued or running jobs to cancel")
+        return 0
+    print(f"cancelled {len(cancelled)} trials: {', '.join(cancelled)}\n"
+          f"they are failed (cancelled); `scalestudy run STUDY --retry-failed` resumes them from "
+          "their checkpoints")
     return 0
 
 
@@ -127,8 +184,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from scalestudy.analysis.report import write_report
 
     store = RunStore.open(args.run_dir)
-    index = write_report(store)
+    index = write_report(store, include_diverged=not args.exclude_diverged)
     print(f"report: {index}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from scalestudy.dashboard import serve
+
+    serve(args.run_dir, args.host, args.port)
     return 0
 
 
@@ -151,13 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="show the expanded trials and their derived values; runs nothing")
     with_study(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--executor", help="also show what this executor would submit (slurm: job "
+                   "arrays, sbatch options, GPU-hours)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run the study's trials (skips finished ones, resumes interrupted)")
     with_study(p)
     p.add_argument("--executor", help="where trials run (default: the study's executor.kind)")
+    p.add_argument("--address", help="with --executor ray: join the Ray cluster at HOST:PORT (or "
+                   "auto) instead of starting a private one (sets executor.ray.address)")
     p.add_argument("--out", default="runs", help="the run directory is OUT/<study name> (default runs)")
     p.add_argument("--retry-failed", action="store_true", help="run failed trials again too")
+    p.add_argument("--wait", action="store_true", help="with a batch executor (slurm): block "
+                   "until the submitted trials end, with live progress")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="one row per trial: state, step, key metrics, spikes")
@@ -165,9 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="every column, as JSON")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("cancel", help="cancel the queued and running batch jobs (slurm) of a run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_cancel)
+
     p = sub.add_parser("report", help="results table and plots under RUN_DIR/report/")
     p.add_argument("run_dir")
+    p.add_argument("--exclude-diverged", action="store_true",
+                   help="leave diverged seeds out of the accuracy/retrieval curves (they are "
+                        "always counted, and always in the instability figure)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("dashboard", help="a live, read-only web page over RUN_DIR (overview, "
+                       "gradient-norm spikes, runs, scaling curves)")
+    p.add_argument("run_dir")
+    p.add_argument("--port", type=int, default=8050, help="port to listen on (default 8050; 0: any free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this "
+                   "machine only; the page has no login)")
+    p.set_defaults(func=cmd_dashboard)
     return parser
 
 

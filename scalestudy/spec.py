@@ -6,10 +6,14 @@ Expansion (`scalestudy.expand`) turns it into fully resolved trials; nothing her
 
 from __future__ import annotations
 
+import csv
+import os
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Spec(BaseModel):
@@ -21,6 +25,55 @@ class Spec(BaseModel):
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
+# WebDataset shard lists are brace patterns (`shard-{000..009}.tar`), as `webdataset` and
+# img2dataset write them; a group is a zero-padded integer range or a comma list (no nesting).
+BRACE_GROUP = re.compile(r"\{(\d+\.\.\d+|[^{}]*,[^{}]*)\}")
+# With more held-out pairs the diagonal pattern (scalestudy.train.data.diagonal_holdout) would take
+# every shape of some colour, and an unseen colour cannot be recombined.
+MAX_HOLDOUT_PAIRS = 32
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Every path a brace pattern names, leftmost group slowest: `s-{0..1}{a,b}` → s-0a s-0b s-1a s-1b.
+
+    `{000..009}` keeps the zero padding (as bash does when a bound has a leading zero).
+    """
+    match = BRACE_GROUP.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    if ".." in body and "," not in body:
+        lo, hi = body.split("..")
+        width = max(len(lo), len(hi)) if any(len(b) > 1 and b[0] == "0" for b in (lo, hi)) else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end():]
+    return [path for choice in choices for path in expand_braces(head + choice + tail)]
+
+
+def _absolute(path: str) -> str:
+    # Trials may run in another working directory (a Ray worker, a Slurm job), so the config
+    # records where the data is, not where the study was validated from.
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _csv_with_columns(path: str) -> str:
+    path = _absolute(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist; give the path of a CSV file with image,caption columns")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    missing = {"image", "caption"} - {column.strip() for column in header}
+    if missing:
+        raise ValueError(
+            f"{path} has columns {header} but needs {sorted(missing)}: the first line must name "
+            "the columns, e.g. `image,caption`"
+        )
+    return path
+
+
 class DataSpec(Spec):
     kind: Literal["shapes", "webdataset", "csv"] = Field(
         "shapes",
@@ -28,21 +81,201 @@ class DataSpec(Spec):
         "webdataset: tar shards of {key}.jpg|png + {key}.txt; csv: a file of image paths and captions.",
     )
     shards: list[str] | None = Field(
-        None, description="WebDataset shard paths or brace patterns (data.kind=webdataset)."
+        None,
+        description="data.kind=webdataset: uncompressed .tar shards of {key}.jpg|png + {key}.txt "
+        "(img2dataset's output), as paths or brace patterns like data/shard-{000..009}.tar; every "
+        "file must exist. Recorded as absolute paths.",
     )
-    image_size: PositiveInt = Field(32, description="Square image side in pixels.")
+    csv: str | None = Field(
+        None,
+        description="data.kind=csv: a CSV file whose header names `image` (a path, relative ones "
+        "resolved against the CSV's folder) and `caption` columns. Recorded as an absolute path.",
+    )
+    eval_shards: list[str] | None = Field(
+        None,
+        description="Held-out WebDataset shards for retrieval evaluation (real data). Without "
+        "data.eval_shards or data.eval_csv the last data.eval_images training samples are held out.",
+    )
+    eval_csv: str | None = Field(
+        None, description="Held-out CSV (same format as data.csv) for retrieval evaluation (real data)."
+    )
+    image_size: PositiveInt = Field(
+        32, description="Square image side in pixels (real images: centre crop, then resize)."
+    )
     eval_images: PositiveInt = Field(
-        512, description="Held-out images for zero-shot and retrieval evaluation."
+        512,
+        description="Held-out images for evaluation: the retrieval set's size, and the most "
+        "zero-shot images taken from data.zeroshot_dir (evenly across its classes).",
+    )
+    holdout_pairs: int = Field(
+        0,
+        ge=0,
+        le=MAX_HOLDOUT_PAIRS,
+        description="Shapes: this many colour–shape pairs never appear in training (a compositional "
+        "split; chosen on a diagonal so every colour and shape is still seen).",
+    )
+    holdout_classes: list[str] | None = Field(
+        None,
+        description="Shapes: the colour–shape pairs held out of training, named like 'red circle' "
+        "(instead of data.holdout_pairs).",
+    )
+    eval_pairs: Literal["all", "seen", "unseen"] = Field(
+        "all",
+        description="Shapes: which colour–shape pairs the held-out images show: all, only those "
+        "trained on, or only the held-out ones (zero-shot on unseen combinations; all 40 classes "
+        "stay candidates).",
+    )
+    caption_noise: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of every training batch whose caption is replaced by another pair's "
+        "(the label-noise robustness study of SigLIP, Zhai et al. 2023); which rows, from "
+        "train.seed and the step. Evaluation data stays clean.",
+    )
+    zeroshot_dir: str | None = Field(
+        None,
+        description="Zero-shot evaluation on a folder with one subfolder of images per class; "
+        "class names are the subfolder names with '_' as ' ' (or data.zeroshot_classes). Default: "
+        "the built-in classes for shapes, no zero-shot for real data.",
+    )
+    zeroshot_classes: list[str] | None = Field(
+        None,
+        description="Class names for data.zeroshot_dir's subfolders in sorted order, one each "
+        "(e.g. ImageNet's names for its wnid folders).",
+    )
+    zeroshot_templates: list[str] | None = Field(
+        None,
+        description="Zero-shot prompt templates, each with one '{}' for the class name; the "
+        "class embedding averages them (CLIP §3.1.4). Default: the built-in ones for shapes, "
+        "CLIP's 7 ImageNet templates for an image folder.",
     )
 
+    @field_validator("shards", "eval_shards", mode="before")
+    @classmethod
+    def _one_pattern_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("shards", "eval_shards")
+    @classmethod
+    def _shards_exist(cls, patterns: list[str] | None) -> list[str] | None:
+        if patterns is None:
+            return None
+        if not patterns:
+            raise ValueError("the list of shards is empty; give at least one path or brace pattern")
+        resolved = [_absolute(pattern) for pattern in patterns]
+        for pattern in resolved:
+            for path in expand_braces(pattern):
+                if not os.path.isfile(path):
+                    origin = f" (from the pattern {pattern})" if path != pattern else ""
+                    raise ValueError(f"the shard {path}{origin} does not exist; check the path")
+        return resolved
+
+    @field_validator("csv", "eval_csv")
+    @classmethod
+    def _csv_exists(cls, path: str | None) -> str | None:
+        return None if path is None else _csv_with_columns(path)
+
+    @field_validator("zeroshot_dir")
+    @classmethod
+    def _zeroshot_dir_has_classes(cls, path: str | None) -> str | None:
+        if path is None:
+            return None
+        path = _absolute(path)
+        if not os.path.isdir(path):
+            raise ValueError(f"{path} is not a directory; give a folder with one subfolder per class")
+        if len(class_folders(path)) < 2:
+            raise ValueError(f"{path} needs at least two class subfolders (one per class) for zero-shot")
+        return path
+
+    @field_validator("zeroshot_templates")
+    @classmethod
+    def _templates_have_one_slot(cls, templates: list[str] | None) -> list[str] | None:
+        if templates is not None and not templates:
+            raise ValueError("the list of templates is empty; give at least one, e.g. 'a photo of a {}.'")
+        for template in templates or []:
+            if template.count("{}") != 1:
+                raise ValueError(f"template {template!r} needs exactly one '{{}}' for the class name")
+        return templates
+
     @model_validator(mode="after")
-    def _kind_is_available(self) -> DataSpec:
-        if self.kind != "shapes":
+    def _sources_match_kind(self) -> DataSpec:
+        sources = {"shards": self.shards, "csv": self.csv}
+        needed = {"webdataset": "shards", "csv": "csv"}.get(self.kind)
+        if needed is not None and sources[needed] is None:
+            what = {"shards": "tar shard paths or patterns", "csv": "a CSV file with image,caption columns"}
             raise ValueError(
-                f"data.kind={self.kind!r} is not available in this version; use data.kind=shapes "
+                f"data.kind={self.kind} needs data.{needed} ({what[needed]}); or use data.kind=shapes "
                 "(the built-in procedural dataset)"
             )
+        for key, value in sources.items():
+            if value is not None and key != needed:
+                raise ValueError(f"data.{key} is set but data.kind={self.kind} does not read it; remove it")
+        if self.eval_shards is not None and self.eval_csv is not None:
+            raise ValueError("data.eval_shards and data.eval_csv are both set; keep one held-out set")
+        if self.kind == "shapes":
+            for key in ("eval_shards", "eval_csv"):
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"data.{key} is set but data.kind=shapes renders its own held-out set; remove it"
+                    )
         return self
+
+    @model_validator(mode="after")
+    def _holdout_is_shapes_only(self) -> DataSpec:
+        held_out = self.holdout_pairs > 0 or self.holdout_classes is not None
+        if held_out and self.kind != "shapes":
+            raise ValueError(
+                f"data.holdout_pairs/holdout_classes split the built-in shapes classes; data.kind="
+                f"{self.kind} has none, remove them"
+            )
+        if self.holdout_pairs > 0 and self.holdout_classes is not None:
+            raise ValueError("data.holdout_pairs and data.holdout_classes are both set; keep one")
+        if self.eval_pairs != "all" and not held_out:
+            raise ValueError(
+                f"data.eval_pairs={self.eval_pairs} needs a held-out split: set data.holdout_pairs "
+                "or data.holdout_classes"
+            )
+        if self.holdout_classes is not None:
+            # The shapes vocabulary lives with its renderer; importing it here only costs the
+            # import when a study names held-out classes.
+            from scalestudy.train.data import CLASSES, COLOURS, SHAPES
+
+            unknown = [name for name in self.holdout_classes if name not in CLASSES]
+            if unknown:
+                raise ValueError(
+                    f"data.holdout_classes: {unknown} are not shapes classes; name them "
+                    f"'<colour> <shape>' with a colour from {list(COLOURS)} and a shape from "
+                    f"{list(SHAPES)}"
+                )
+            if not self.holdout_classes or len(set(self.holdout_classes)) > MAX_HOLDOUT_PAIRS:
+                raise ValueError(
+                    f"data.holdout_classes must name 1 to {MAX_HOLDOUT_PAIRS} distinct classes, "
+                    f"got {len(set(self.holdout_classes))}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _class_names_match_folders(self) -> DataSpec:
+        if self.zeroshot_classes is None:
+            return self
+        if self.zeroshot_dir is None:
+            raise ValueError("data.zeroshot_classes names the classes of data.zeroshot_dir; set it too")
+        folders = class_folders(self.zeroshot_dir)
+        if len(self.zeroshot_classes) != len(folders):
+            raise ValueError(
+                f"data.zeroshot_classes has {len(self.zeroshot_classes)} names but "
+                f"{self.zeroshot_dir} has {len(folders)} class subfolders; give one name per "
+                "subfolder, in sorted order"
+            )
+        return self
+
+
+def class_folders(zeroshot_dir: str) -> list[str]:
+    """The class subfolders of a zero-shot folder, sorted by name (hidden ones left out)."""
+    return sorted(
+        entry.path for entry in os.scandir(zeroshot_dir) if entry.is_dir() and not entry.name.startswith(".")
+    )
 
 
 class ModelSpec(Spec):
@@ -300,10 +533,172 @@ class LocalExecutorSpec(Spec):
     )
 
 
+# `ray.init` addresses the Ray executor accepts; `ray://` (Ray Client) needs an extra that is not
+# installed and only times out (../shared/notes/ray-and-torch-on-these-machines.md §5).
+RAY_ADDRESS = re.compile(r"^(local|auto|[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5})$")
+
+
+class RayExecutorSpec(Spec):
+    address: str = Field(
+        "local",
+        description="local: start a private Ray on this machine for the run (never joins another); "
+        "auto: join the Ray that `ray start` runs on this machine; HOST:PORT: join the cluster "
+        "whose head listens there (its GCS port, 6379 by default).",
+    )
+    max_retries: int = Field(
+        2,
+        ge=0,
+        description="Times a trial runs again (from its last checkpoint) after its worker or trial "
+        "process dies; after that it is failed with the reason. A trial that raises is not retried.",
+    )
+    num_cpus: PositiveInt | None = Field(
+        None,
+        description="CPUs of the private Ray (address=local only); default: all cores. A joined "
+        "cluster has the resources its nodes were started with.",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address_is_usable(cls, address: str) -> str:
+        if not RAY_ADDRESS.match(address):
+            raise ValueError(
+                f"executor.ray.address={address!r} is not local, auto or HOST:PORT (e.g. "
+                "10.0.0.5:6379); Ray Client addresses (ray://) are not supported"
+            )
+        return address
+
+    @model_validator(mode="after")
+    def _num_cpus_only_for_a_private_ray(self) -> RayExecutorSpec:
+        if self.num_cpus is not None and self.address != "local":
+            raise ValueError(
+                f"executor.ray.num_cpus={self.num_cpus} only sizes a private Ray "
+                f"(address=local), but address={self.address!r} joins a cluster; remove num_cpus"
+            )
+        return self
+
+
+# Shipped Slurm profiles (a checkout's cluster/slurm/profiles/); any other profile is given by path.
+SLURM_PROFILES = Path(__file__).resolve().parents[1] / "cluster" / "slurm" / "profiles"
+
+
+def read_slurm_profile(ref: str) -> dict[str, Any]:
+    """The keys of a Slurm profile: a name from SLURM_PROFILES or a YAML file's path, checked."""
+    is_path = "/" in ref or ref.endswith((".yaml", ".yml"))
+    path = Path(ref).expanduser() if is_path else SLURM_PROFILES / f"{ref}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SLURM_PROFILES.glob("*.yaml"))) or "none found"
+        raise ValueError(
+            f"profile={ref!r}: {path} does not exist; use a profile name from {SLURM_PROFILES} "
+            f"({known}) or the path of a YAML file of executor.slurm keys"
+        )
+    try:
+        keys = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"profile {path} is not valid YAML: {err}") from None
+    if not isinstance(keys, dict) or "profile" in keys:
+        raise ValueError(f"profile {path} must be a mapping of executor.slurm keys other than profile")
+    try:
+        SlurmExecutorSpec.model_validate(keys)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"profile {path}: {problems} (allowed keys: "
+                         f"{', '.join(SlurmExecutorSpec.model_fields)})") from None
+    return keys
+
+
+class SlurmExecutorSpec(Spec):
+    """Where and how trials go to Slurm; resources.* of each trial set its nodes, tasks, CPUs, GPUs."""
+
+    profile: str | None = Field(
+        None,
+        description="A cluster profile: a name from cluster/slurm/profiles/ (e.g. gpu-a100) or "
+        "the path of a YAML file with these same keys; keys set here override the profile's.",
+    )
+    partition: str | None = Field(
+        None, description="sbatch --partition (default: the cluster's default partition)."
+    )
+    account: str | None = Field(None, description="sbatch --account, charged for the jobs.")
+    qos: str | None = Field(None, description="sbatch --qos (quality of service).")
+    time_min: PositiveInt = Field(
+        60,
+        description="Time limit of one job in minutes (sbatch --time). At the limit the trial "
+        "checkpoints and is requeued (executor.slurm.max_requeues). At 50 or less submitit counts "
+        "every preemption as a timeout too.",
+    )
+    mem_gb: float | None = Field(
+        None, gt=0, description="Memory per node in GB (sbatch --mem); default: the cluster's."
+    )
+    constraint: str | None = Field(
+        None, description="sbatch --constraint: node features, e.g. a100 or 'volta|ampere'."
+    )
+    gpus_per_node: PositiveInt | None = Field(
+        None,
+        description="GPUs on one node of the cluster. A trial with more resources.gpus spans "
+        "resources.gpus / gpus_per_node nodes; default: every trial fits on one node.",
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines the sbatch script runs before the trial, e.g. "
+        "'module load cuda/12.1' or 'source /shared/venvs/scalestudy/bin/activate'.",
+    )
+    python: str | None = Field(
+        None,
+        description="Command that starts Python on the compute nodes (default: the interpreter "
+        "running scalestudy, which must then be on a file system the nodes share).",
+    )
+    array_parallelism: PositiveInt = Field(
+        64, description="Tasks of one job array that run at once (sbatch --array=…%N)."
+    )
+    max_requeues: int = Field(
+        3,
+        ge=0,
+        description="Times a trial is requeued after preemption or its time limit, resuming from "
+        "its checkpoint; after that it stays preempted and `scalestudy run` resumes it.",
+    )
+    signal_delay_s: PositiveInt = Field(
+        90,
+        description="Slurm sends USR2 this many seconds before the time limit, so the trial can "
+        "checkpoint and requeue; must be shorter than executor.slurm.time_min.",
+    )
+    sbatch: dict[str, str | int | bool] = Field(
+        default_factory=dict,
+        description="Further sbatch options by long name without dashes, e.g. "
+        "{exclusive: true, mail-type: FAIL}.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_fills_unset_keys(cls, data: Any) -> Any:
+        # Resolved here, not at submission, so `validate` checks the profile and the run
+        # directory's study.yaml records the values used (reloading it changes nothing).
+        if isinstance(data, dict) and data.get("profile") is not None:
+            return {**read_slurm_profile(str(data["profile"])), **data}
+        return data
+
+    @model_validator(mode="after")
+    def _signal_before_time_limit(self) -> SlurmExecutorSpec:
+        if self.signal_delay_s >= self.time_min * 60:
+            raise ValueError(
+                f"executor.slurm.signal_delay_s={self.signal_delay_s} must be shorter than the "
+                f"time limit executor.slurm.time_min={self.time_min} (= {self.time_min * 60} s); "
+                "lower signal_delay_s or raise time_min"
+            )
+        return self
+
+
 class ExecutorSpec(Spec):
-    kind: Literal["local"] = Field("local", description="Where trials run: local worker processes.")
+    kind: Literal["local", "ray", "slurm"] = Field(
+        "local",
+        description="Where trials run: local worker processes, Ray tasks, or Slurm job arrays.",
+    )
     local: LocalExecutorSpec = Field(
         default_factory=LocalExecutorSpec, description="Settings of the local executor."
+    )
+    ray: RayExecutorSpec = Field(
+        default_factory=RayExecutorSpec, description="Settings of the Ray executor."
+    )
+    slurm: SlurmExecutorSpec = Field(
+        default_factory=SlurmExecutorSpec, description="Settings of the Slurm executor."
     )
 
 

@@ -5,18 +5,26 @@ background, captioned compositionally ("a large red circle on the left"). A batc
 of (seed, split, batch index), so data order needs no state beyond the step, resume is exact, and
 any rank of a data-parallel trial can slice the same global batch. Rendering is vectorised over the
 batch (a 256×32×32 batch takes a few milliseconds), so data never bounds a CPU step.
+
+Two knobs turn it into an experiment: a compositional split (`data.holdout_pairs` /
+`data.holdout_classes`: colour–shape pairs no training image or caption shows, evaluated with
+`data.eval_pairs=unseen`) and caption noise (`data.caption_noise`: a fraction of each training batch
+gets another pair's caption). Real data (WebDataset shards, CSV, image folders) is in `realdata`.
 """
 
 from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from scalestudy.spec import DataSpec
+
+if TYPE_CHECKING:
+    from scalestudy.train.realdata import ImageFolder
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.9, 0.1, 0.1),
@@ -34,18 +42,20 @@ SIZES = {"small": 0.14, "large": 0.24}  # radius as a fraction of the image side
 CLASSES = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
 TEMPLATES = ("a {}", "a small {}", "a large {}", "a picture of a {}")
 
-# Separate streams so training never sees an evaluation image.
-_SPLIT_SALT = {"train": 0, "eval": 0x5EED}
+# Separate random streams: training never sees an evaluation image, and the noise, data order and
+# replacement draws never shift the images of a batch.
+_SPLIT_SALT = {"train": 0, "eval": 0x5EED, "noise": 0x401, "order": 0x402, "replace": 0x403}
 
 
 @dataclass(frozen=True)
 class Batch:
     images: torch.Tensor  # (B, 3, S, S), roughly zero-mean
     captions: list[str]
-    labels: torch.Tensor  # (B,) index into CLASSES
+    labels: torch.Tensor  # (B,) index into the dataset's classes; -1 for an image without a class
 
 
-def _generator(seed: int, split: str, index: int) -> torch.Generator:
+def random_stream(seed: int, split: str, index: int) -> torch.Generator:
+    """The generator of one named stream (see _SPLIT_SALT) at one index (a batch, step or epoch)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + _SPLIT_SALT[split]) * 2**20 + index)
 
 
@@ -58,12 +68,22 @@ def _position_phrase(cx: float, cy: float) -> str:
     return "at the top" if dy < 0 else "at the bottom"
 
 
-def render(seed: int, split: str, index: int, batch_size: int, image_size: int) -> Batch:
-    """Batch number `index` of a split: a pure function of its arguments."""
-    g = _generator(seed, split, index)
+def render(
+    seed: int, split: str, index: int, batch_size: int, image_size: int,
+    pairs: tuple[int, ...] | None = None,
+) -> Batch:
+    """Batch number `index` of a split: a pure function of its arguments.
+
+    `pairs` restricts the colour–shape pairs drawn (indices into CLASSES); None draws all 40.
+    """
+    g = random_stream(seed, split, index)
     n = batch_size
-    colour = torch.randint(len(COLOURS), (n,), generator=g)
-    shape = torch.randint(len(SHAPES), (n,), generator=g)
+    if pairs is None:
+        colour = torch.randint(len(COLOURS), (n,), generator=g)
+        shape = torch.randint(len(SHAPES), (n,), generator=g)
+    else:
+        pair = torch.tensor(pairs)[torch.randint(len(pairs), (n,), generator=g)]
+        colour, shape = pair // len(SHAPES), pair % len(SHAPES)
     large = torch.randint(2, (n,), generator=g).bool()
     radius = torch.where(large, SIZES["large"], SIZES["small"]) * (
         0.9 + 0.2 * torch.rand(n, generator=g)
@@ -103,9 +123,9 @@ def render(seed: int, split: str, index: int, batch_size: int, image_size: int) 
 
 
 class Dataset(Protocol):
-    """What a trial needs from its data: training batches by step, and a held-out evaluation set."""
+    """What a trial needs from its data: training batches by step, and held-out evaluation sets."""
 
-    classes: tuple[str, ...]  # zero-shot class names
+    classes: tuple[str, ...]  # zero-shot class names; empty when the data has no zero-shot set
     templates: tuple[str, ...]  # prompt templates, each with one "{}" for the class name
 
     def train_batch(self, step: int, batch_size: int) -> Batch:
@@ -113,27 +133,120 @@ class Dataset(Protocol):
         ...
 
     def eval_set(self) -> Batch:
-        """Held-out images with their captions and class labels."""
+        """Held-out image–caption pairs for retrieval (labels: their class, or -1 without one)."""
         ...
+
+    def zeroshot_set(self) -> Batch | None:
+        """Held-out images labelled with indices into `classes`; None when there are no classes."""
+        ...
+
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far because they could not be used, counted by reason."""
+        ...
+
+
+def diagonal_holdout(count: int) -> tuple[str, ...]:
+    """`count` colour–shape classes to hold out of training, spread so every colour and every shape
+    keeps training pairs (up to scalestudy.spec.MAX_HOLDOUT_PAIRS): the i-th is colour i mod 8 with
+    shape (i + i // 8) mod 5.
+    """
+    colours = list(COLOURS)
+    return tuple(
+        f"{colours[i % len(colours)]} {SHAPES[(i + i // len(colours)) % len(SHAPES)]}"
+        for i in range(count)
+    )
+
+
+def mismatch_captions(captions: list[str], fraction: float, seed: int, step: int) -> list[str]:
+    """Label noise as in SigLIP's robustness study (Zhai et al. 2023; batch-alignment noise):
+    round(fraction × B) rows, chosen at random from (seed, step), each get the caption of another
+    row of the batch, so their caption no longer describes their image.
+    """
+    n = len(captions)
+    count = round(fraction * n)
+    if count == 0 or n < 2:
+        return captions
+    g = random_stream(seed, "noise", step)
+    rows = torch.randperm(n, generator=g)[:count].tolist()
+    offsets = torch.randint(1, n, (count,), generator=g).tolist()
+    noisy = list(captions)
+    for row, offset in zip(rows, offsets):
+        noisy[row] = captions[(row + offset) % n]
+    return noisy
 
 
 @dataclass(frozen=True)
 class ShapesDataset:
+    """The procedural shapes; `train_pairs`/`eval_pairs` restrict the colour–shape pairs (None: all)."""
+
     seed: int
     image_size: int
     eval_images: int
+    train_pairs: tuple[int, ...] | None = None
+    eval_pairs: tuple[int, ...] | None = None
+    caption_noise: float = 0.0
     classes: tuple[str, ...] = CLASSES
     templates: tuple[str, ...] = TEMPLATES
+    # Zero-shot on an image folder instead of the built-in classes (data.zeroshot_dir).
+    folder: ImageFolder | None = field(default=None, compare=False)
 
     def train_batch(self, step: int, batch_size: int) -> Batch:
-        return render(self.seed, "train", step, batch_size, self.image_size)
+        batch = render(self.seed, "train", step, batch_size, self.image_size, self.train_pairs)
+        captions = mismatch_captions(batch.captions, self.caption_noise, self.seed, step)
+        return Batch(images=batch.images, captions=captions, labels=batch.labels)
 
     def eval_set(self) -> Batch:
-        return render(self.seed, "eval", 0, self.eval_images, self.image_size)
+        batch = render(self.seed, "eval", 0, self.eval_images, self.image_size, self.eval_pairs)
+        if self.folder is None:
+            return batch
+        # The classes are the folder's, so the shapes' own labels index nothing.
+        return Batch(batch.images, batch.captions, torch.full_like(batch.labels, -1))
+
+    def zeroshot_set(self) -> Batch | None:
+        return self.eval_set() if self.folder is None else self.folder.batch()
+
+    def skipped(self) -> dict[str, int]:
+        return {} if self.folder is None else self.folder.reader.skipped()
+
+
+def shapes_dataset(
+    spec: DataSpec, seed: int, folder: ImageFolder | None, templates: tuple[str, ...]
+) -> ShapesDataset:
+    """The shapes with the spec's compositional split and caption noise."""
+    names = spec.holdout_classes or diagonal_holdout(spec.holdout_pairs)
+    held_out = tuple(sorted({CLASSES.index(name) for name in names}))
+    seen = tuple(i for i in range(len(CLASSES)) if i not in held_out)
+    return ShapesDataset(
+        seed=seed,
+        image_size=spec.image_size,
+        eval_images=spec.eval_images,
+        train_pairs=seen if held_out else None,
+        eval_pairs={"all": None, "seen": seen, "unseen": held_out}[spec.eval_pairs],
+        caption_noise=spec.caption_noise,
+        classes=CLASSES if folder is None else folder.classes,
+        templates=templates,
+        folder=folder,
+    )
 
 
 def make_dataset(spec: DataSpec, seed: int) -> Dataset:
-    return ShapesDataset(seed=seed, image_size=spec.image_size, eval_images=spec.eval_images)
+    """The data a trial trains and evaluates on; real data is indexed here, decoded per batch."""
+    # realdata builds on this module's Batch and random streams, so it is imported at call time.
+    from scalestudy.train import realdata
+
+    reader = realdata.ImageReader(spec.image_size)
+    folder = (
+        realdata.ImageFolder(spec.zeroshot_dir, spec.zeroshot_classes, spec.eval_images, reader)
+        if spec.zeroshot_dir is not None
+        else None
+    )
+    if spec.zeroshot_templates is not None:
+        templates = tuple(spec.zeroshot_templates)
+    else:
+        templates = TEMPLATES if spec.kind == "shapes" and folder is None else realdata.CLIP_TEMPLATES
+    if spec.kind == "shapes":
+        return shapes_dataset(spec, seed, folder, templates)
+    return realdata.PairsDataset.from_spec(spec, seed, reader, folder, templates)
 
 
 class HashTokenizer:

@@ -1,0 +1,377 @@
+"""The data a trial sees: shapes with a compositional split and caption noise, WebDataset shards, a
+CSV, and zero-shot image folders — written here as real files (PIL images in tmp_path)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+import yaml
+from PIL import Image
+from pydantic import ValidationError
+
+from scalestudy.cli import main
+from scalestudy.errors import SpecError
+from scalestudy.load import validate_study
+from scalestudy.spec import DataSpec, expand_braces
+from scalestudy.store import RunStore
+from scalestudy.train.data import CLASSES, COLOURS, SHAPES, make_dataset, mismatch_captions
+from scalestudy.train.realdata import MEAN, STD
+from tests.conftest import tiny_study
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def image_bytes(size: tuple[int, int], colour: tuple[int, int, int], fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def striped(size: tuple[int, int] = (48, 16)) -> bytes:
+    """Red left third, green middle third, blue right third: a centre crop sees only green."""
+    image = Image.new("RGB", size, GREEN)
+    third = size[0] // 3
+    image.paste(RED, (0, 0, third, size[1]))
+    image.paste(BLUE, (2 * third, 0, size[0], size[1]))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def good_pairs(count: int, start: int = 0) -> dict[str, bytes]:
+    """`count` valid samples as img2dataset writes them: {key}.jpg, {key}.txt and {key}.json."""
+    members = {}
+    for i in range(start, start + count):
+        key = f"{i:06d}"
+        members[f"{key}.jpg"] = image_bytes((24, 20), ((i * 40) % 256, 90, 200), "JPEG")
+        members[f"{key}.txt"] = f"photo number {i}".encode()
+        members[f"{key}.json"] = json.dumps({"key": key}).encode()
+    return members
+
+
+def pixel(colour: tuple[int, int, int]) -> torch.Tensor:
+    """The normalised value a pixel of `colour` must have."""
+    return (torch.tensor(colour, dtype=torch.float32) / 255 - torch.from_numpy(MEAN)) / torch.from_numpy(STD)
+
+
+def spec(**data) -> DataSpec:
+    return DataSpec(image_size=16, **data)
+
+
+# --- shapes: determinism, compositional split, caption noise -------------------------------------
+
+
+def test_a_shapes_batch_is_a_pure_function_of_seed_and_step():
+    knobs = {"holdout_pairs": 6, "caption_noise": 0.3}
+    first, again = make_dataset(spec(**knobs), seed=3), make_dataset(spec(**knobs), seed=3)
+    for step in (1, 2, 50):
+        a, b = first.train_batch(step, 64), again.train_batch(step, 64)
+        assert torch.equal(a.images, b.images) and a.captions == b.captions
+        assert torch.equal(a.labels, b.labels)
+    assert first.train_batch(1, 64).captions != first.train_batch(2, 64).captions
+    assert make_dataset(spec(**knobs), seed=4).train_batch(1, 64).captions != first.train_batch(1, 64).captions
+
+
+def held_out_names(dataset) -> set[str]:
+    seen = set(dataset.train_pairs)
+    return {name for i, name in enumerate(CLASSES) if i not in seen}
+
+
+@pytest.mark.parametrize("knob", [{"holdout_pairs": 12}, {"holdout_classes": ["red circle", "blue cross"]}])
+def test_held_out_colour_shape_pairs_never_appear_in_a_training_image_or_caption(knob):
+    dataset = make_dataset(spec(caption_noise=0.5, **knob), seed=0)
+    held_out = held_out_names(dataset)
+    assert len(held_out) == knob.get("holdout_pairs", 2)
+    for step in range(1, 11):
+        batch = dataset.train_batch(step, 128)
+        assert not {CLASSES[i] for i in batch.labels.tolist()} & held_out
+        assert not [c for c in batch.captions if any(f" {name} " in c for name in held_out)]
+
+
+def test_eval_pairs_restricts_the_held_out_images_to_unseen_or_seen_combinations():
+    unseen = make_dataset(spec(holdout_pairs=12, eval_pairs="unseen", eval_images=400), seed=0)
+    seen = make_dataset(spec(holdout_pairs=12, eval_pairs="seen", eval_images=400), seed=0)
+    held_out = {CLASSES.index(n) for n in held_out_names(unseen)}
+    assert set(unseen.eval_set().labels.tolist()) == held_out
+    assert not set(seen.eval_set().labels.tolist()) & held_out
+    # Zero-shot on unseen pairs still chooses among all 40 classes (the generalised setting).
+    assert unseen.classes == CLASSES and unseen.zeroshot_set() is not None
+
+
+def test_the_largest_diagonal_holdout_still_trains_on_every_colour_and_every_shape():
+    dataset = make_dataset(spec(holdout_pairs=32), seed=0)
+    labels = torch.cat([dataset.train_batch(step, 256).labels for step in range(1, 5)])
+    assert {int(i) // len(SHAPES) for i in labels} == set(range(len(COLOURS)))
+    assert {int(i) % len(SHAPES) for i in labels} == set(range(len(SHAPES)))
+
+
+def test_caption_noise_mismatches_the_stated_fraction_of_every_batch_and_leaves_images_alone():
+    clean = make_dataset(spec(), seed=1)
+    noisy = make_dataset(spec(caption_noise=0.25), seed=1)
+    for step in (1, 2):
+        a, b = clean.train_batch(step, 1000), noisy.train_batch(step, 1000)
+        assert torch.equal(a.images, b.images)
+        changed = sum(x != y for x, y in zip(a.captions, b.captions))
+        # 250 rows get another row's caption; a few of those happen to read the same.
+        assert 240 <= changed <= 250
+        assert set(b.captions) <= set(a.captions)
+    assert mismatch_captions(["a", "b", "c"], 0.0, 0, 1) == ["a", "b", "c"]
+
+
+def test_the_evaluation_set_is_never_noisy():
+    assert make_dataset(spec(caption_noise=0.9), seed=0).eval_set().captions == (
+        make_dataset(spec(), seed=0).eval_set().captions
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"kind": "csv", "holdout_pairs": 3}, "holdout"),
+        ({"eval_pairs": "unseen"}, "data.eval_pairs=unseen needs a held-out split"),
+        ({"holdout_classes": ["red elephant"]}, "red elephant"),
+        ({"holdout_pairs": 33}, "holdout_pairs"),
+        ({"holdout_pairs": 2, "holdout_classes": ["red circle"]}, "keep one"),
+        ({"caption_noise": 1.0}, "caption_noise"),
+        ({"zeroshot_templates": ["a photo"]}, "exactly one '{}'"),
+    ],
+)
+def test_data_options_that_cannot_work_are_rejected_naming_the_key(data, message):
+    with pytest.raises(ValidationError, match=message):
+        DataSpec(**data)
+
+
+# --- WebDataset shards and CSV ------------------------------------------------------------------
+
+
+def test_brace_patterns_expand_like_webdataset_shard_lists():
+    assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_braces("{a,b}-{8..10}") == ["a-8", "a-9", "a-10", "b-8", "b-9", "b-10"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> str:
+    """Two shards: 59 good pairs, a striped flag, and one of each kind of bad sample."""
+    write_shard(tmp_path / "shard-000.tar", {**good_pairs(30), "striped.png": striped(),
+                                             "striped.txt": b"a striped flag"})
+    bad = {
+        "corrupt.jpg": b"this is not a jpeg",
+        "corrupt.txt": b"a caption for an unreadable image",
+        "blank.png": image_bytes((16, 16), RED),
+        "blank.txt": b"   \n",
+        "lonely.png": image_bytes((16, 16), RED),
+        "orphan.txt": b"a caption without its image",
+    }
+    # The bad samples come first, so none of them is in the held-out tail.
+    write_shard(tmp_path / "shard-001.tar", {**bad, **good_pairs(28, start=30)})
+    return str(tmp_path / "shard-{000..001}.tar")
+
+
+def test_webdataset_shards_load_resized_and_normalised_and_bad_samples_are_counted(shards):
+    dataset = make_dataset(spec(kind="webdataset", shards=shards, eval_images=8), seed=0)
+    assert dataset.skipped() == {"empty_caption": 1, "missing_caption": 1, "missing_image": 1}
+    # 60 indexed pairs (the corrupt one is only found when decoded); the last 8 are held out.
+    assert (len(dataset.train), len(dataset.held_out)) == (52, 8)
+
+    batches = [dataset.train_batch(step, 16) for step in range(1, 5)]  # more than one epoch
+    assert all(b.images.shape == (16, 3, 16, 16) for b in batches)
+    assert dataset.skipped()["unreadable_image"] == 1
+    captions = [c for b in batches for c in b.captions]
+    assert "a caption for an unreadable image" not in captions
+    assert "a striped flag" in captions
+    flag = next(b.images[b.captions.index("a striped flag")] for b in batches if "a striped flag" in b.captions)
+    # Centre crop, then resize: the square from the middle third is green all over.
+    assert torch.allclose(flag.mean(dim=(1, 2)), pixel(GREEN), atol=0.02)
+    assert dataset.eval_set().images.shape == (8, 3, 16, 16)
+    assert dataset.zeroshot_set() is None and dataset.classes == ()
+
+
+def test_a_real_data_batch_is_a_pure_function_of_seed_and_step_so_resume_is_exact(shards):
+    def fresh():
+        return make_dataset(spec(kind="webdataset", shards=shards, eval_images=8, caption_noise=0.2), seed=5)
+
+    straight = fresh()
+    ran = [straight.train_batch(step, 20) for step in range(1, 8)]  # spans several epochs
+    resumed = fresh()
+    for step in (7, 3):
+        again = resumed.train_batch(step, 20)
+        assert torch.equal(again.images, ran[step - 1].images) and again.captions == ran[step - 1].captions
+    # Without noise an epoch is a permutation: the first 52 positions hold each training caption
+    # once, except the unreadable image's, which a random draw (maybe a repeat) replaces.
+    clean = make_dataset(spec(kind="webdataset", shards=shards, eval_images=8), seed=5)
+    epoch = [c for step in (1, 2, 3) for c in clean.train_batch(step, 20).captions][:52]
+    assert len(set(epoch)) in (50, 51) and "a caption for an unreadable image" not in epoch
+    other_seed = make_dataset(spec(kind="webdataset", shards=shards, eval_images=8), seed=6)
+    assert other_seed.train_batch(1, 20).captions != ran[0].captions
+
+
+def test_a_csv_loads_relative_paths_and_skips_missing_files_empty_captions_and_corrupt_images(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "broken.png").write_bytes(b"\x89PNG truncated")
+    # The bad rows come first, so none of them is in the held-out tail.
+    rows = [
+        {"image": "images/absent.png", "caption": "a missing file"},
+        {"image": "images/0.png", "caption": ""},
+        {"image": "images/broken.png", "caption": "a corrupt image"},
+    ]
+    for i in range(12):
+        (images / f"{i}.png").write_bytes(image_bytes((20, 20), BLUE if i % 2 else RED))
+        rows.append({"image": f"images/{i}.png", "caption": "a blue square" if i % 2 else "a red square"})
+    path = tmp_path / "pairs.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    dataset = make_dataset(spec(kind="csv", csv=str(path), eval_images=4), seed=0)
+    assert dataset.skipped() == {"missing_image": 1, "empty_caption": 1}
+    batch = dataset.train_batch(1, 9)  # the 9 training rows: 8 good ones and the corrupt one
+    assert dataset.skipped()["unreadable_image"] == 1
+    for image, caption in zip(batch.images, batch.captions):
+        expected = pixel(BLUE if caption == "a blue square" else RED)
+        assert torch.allclose(image.mean(dim=(1, 2)), expected, atol=0.02)
+
+
+def test_held_out_shards_are_the_retrieval_set(shards, tmp_path):
+    held = write_shard(tmp_path / "held.tar", good_pairs(5, start=100))
+    dataset = make_dataset(spec(kind="webdataset", shards=shards, eval_shards=str(held)), seed=0)
+    assert dataset.eval_set().captions == [f"photo number {i}" for i in range(100, 105)]
+    assert len(dataset.train) == 60  # nothing held out of training
+
+
+def test_too_few_samples_to_hold_out_the_eval_images_is_an_error_naming_the_fix(shards):
+    with pytest.raises(ValueError, match="data.eval_images"):
+        make_dataset(spec(kind="webdataset", shards=shards, eval_images=512), seed=0)
+
+
+def test_a_shard_path_that_does_not_exist_is_a_validation_error_naming_the_key_and_path(shards, write_study, capsys):
+    missing = shards.replace("{000..001}", "{000..002}")
+    study = tiny_study(base={"data": {"kind": "webdataset", "shards": [missing]}})
+    assert main(["validate", str(write_study(study))]) == 2
+    err = capsys.readouterr().err
+    assert "base.data.shards" in err and "shard-002.tar" in err
+
+
+def test_real_data_kinds_need_their_source_and_shapes_rejects_one(tmp_path):
+    with pytest.raises(ValidationError, match="data.kind=webdataset needs data.shards"):
+        DataSpec(kind="webdataset")
+    with pytest.raises(ValidationError, match="data.kind=shapes"):
+        DataSpec(kind="csv")
+    with pytest.raises(ValidationError, match="does not exist"):
+        DataSpec(kind="csv", csv=str(tmp_path / "absent.csv"))
+    (tmp_path / "bad.csv").write_text("path,text\nx.png,hello\n")
+    with pytest.raises(ValidationError, match="caption"):
+        DataSpec(kind="csv", csv=str(tmp_path / "bad.csv"))
+
+
+# --- zero-shot on an image folder ---------------------------------------------------------------
+
+
+@pytest.fixture
+def classes_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "zeroshot"
+    for name, colour in (("red_thing", RED), ("green_thing", GREEN), ("blue_thing", BLUE)):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            (root / name / f"{i}.png").write_bytes(image_bytes((20, 20), colour))
+    (root / "blue_thing" / "notes.txt").write_text("not an image")
+    (root / "red_thing" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def test_an_image_folder_gives_zero_shot_classes_from_its_subfolders(classes_dir, shards):
+    dataset = make_dataset(
+        spec(kind="webdataset", shards=shards, eval_images=8, zeroshot_dir=str(classes_dir)), seed=0
+    )
+    assert dataset.classes == ("blue thing", "green thing", "red thing")
+    assert all("{}" in t for t in dataset.templates) and len(dataset.templates) == 7
+    zeroshot = dataset.zeroshot_set()
+    assert zeroshot.labels.tolist() == [0, 1, 2] * 2 + [0, 1]  # round-robin, capped at eval_images
+    for image, label in zip(zeroshot.images, zeroshot.labels):
+        assert torch.allclose(image.mean(dim=(1, 2)), pixel((BLUE, GREEN, RED)[label]), atol=0.02)
+
+
+def test_zero_shot_class_names_can_be_given_and_must_match_the_folders(classes_dir):
+    names = ["sky", "grass", "fire"]
+    dataset = make_dataset(spec(zeroshot_dir=str(classes_dir), zeroshot_classes=names,
+                                zeroshot_templates=["a {}"], eval_images=100), seed=0)
+    assert dataset.classes == tuple(names) and dataset.templates == ("a {}",)
+    batch = dataset.zeroshot_set()
+    assert len(batch.labels) == 12 and dataset.skipped() == {"unreadable_image": 1}
+    assert (dataset.eval_set().labels == -1).all()  # shapes' own labels index no folder class
+    with pytest.raises(ValidationError, match="one name per subfolder"):
+        DataSpec(zeroshot_dir=str(classes_dir), zeroshot_classes=["sky"])
+    with pytest.raises(ValidationError, match="not a directory"):
+        DataSpec(zeroshot_dir=str(classes_dir / "absent"))
+
+
+def test_shapes_keep_their_built_in_classes_and_templates_by_default():
+    dataset = make_dataset(spec(), seed=0)
+    assert dataset.classes == CLASSES and dataset.templates[0] == "a {}"
+    assert torch.equal(dataset.zeroshot_set().labels, dataset.eval_set().labels)
+
+
+# --- a real study on real files -----------------------------------------------------------------
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail the test (instead of hanging the suite) if the block runs longer than `seconds`."""
+    def fail(*_: object) -> None:
+        raise TimeoutError(f"took longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.slow
+def test_a_tiny_study_on_a_tiny_webdataset_runs_to_done(tmp_path, write_study, classes_dir):
+    for k in range(2):
+        write_shard(tmp_path / f"train-{k}.tar", good_pairs(48, start=48 * k))
+    held = write_shard(tmp_path / "held.tar", good_pairs(16, start=500))
+    data = {"kind": "webdataset", "shards": str(tmp_path / "train-{0..1}.tar"), "eval_shards": str(held),
+            "zeroshot_dir": str(classes_dir), "caption_noise": 0.1}
+    study = tiny_study(name="realdata", grid={"loss.kind": ["sigmoid"]}, base={"data": data})
+    study["base"]["train"].update(examples_seen=128, eval_every=0)
+    out = tmp_path / "runs"
+    with deadline(180):
+        assert main(["run", str(write_study(study)), "--out", str(out)]) == 0
+    results = pl.read_parquet(RunStore(out / "realdata").results_path)
+    assert results["status"].to_list() == ["done"]
+    assert results["retrieval_i2t_r1"][0] is not None
+    config = yaml.safe_load((out / "realdata" / "study.yaml").read_text())
+    assert config["base"]["data"]["kind"] == "webdataset"
+
+
+def test_a_study_with_a_relative_shard_path_records_it_absolute(shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = validate_study(tiny_study(base={"data": {"kind": "webdataset", "shards": "shard-{000..001}.tar"}}),
+                           "s.yaml")
+    assert study.base.data.shards == [shards]
+    with pytest.raises(SpecError, match="shard-009.tar"):
+        validate_study(tiny_study(base={"data": {"kind": "webdataset", "shards": "shard-009.tar"}}), "s.yaml")

@@ -187,7 +187,9 @@ def plot_instability(agg: Aggregates, out: Path) -> list[Path]:
             ax.set_xticks(range(len(lines)), [label for label, _ in lines], rotation=30, ha="right")
         else:
             _batch_axis(ax, sorted(agg.trials[lay.x].unique().to_list()))
-        if column == "max_spike_ratio":
+        if column == "max_spike_ratio" and (frame[column].fill_nan(None).drop_nulls() > 0).any():
+            # A ratio: log scale, once some trial has one (too short a trial to fill the
+            # monitor's window has none, and a log axis over nothing cannot be drawn).
             ax.set_yscale("log")
         if column == "fraction_diverged":
             ax.set_ylim(-0.05, 1.05)

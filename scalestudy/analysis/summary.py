@@ -117,9 +117,11 @@ def instability_lines(agg: Aggregates) -> list[str]:
         return []
     keys = agg.layout.by
     worst = frame.sort("spike_rate_per_1k", descending=True).row(0, named=True)
+    # No ratio when no step was flagged (or the trials were shorter than the monitor's window).
+    ratio = worst["max_spike_ratio"]
     lines = [f"Most grad-norm spikes: {line_label(worst, keys)} with "
-             f"{worst['spike_rate_per_1k']:.1f} per 1,000 steps (worst spike "
-             f"{worst['max_spike_ratio']:.1f}× the running median)."]
+             f"{worst['spike_rate_per_1k']:.1f} per 1,000 steps"
+             + (f" (worst spike {ratio:.1f}× the running median)." if ratio is not None else ".")]
     diverged = frame.filter(pl.col("fraction_diverged") > 0)
     if diverged.height:
         shown = "; ".join(f"{line_label(r, keys)}: {r['fraction_diverged']:.0%} of {r['n']}"
@@ -131,7 +133,8 @@ def instability_lines(agg: Aggregates) -> list[str]:
     for axis in (LOSS_AXIS, "optim.beta2"):
         if axis in agg.layout.hue and ran[axis].n_unique() > 1:
             pooled = ran.group_by(axis).agg(pl.col("spike_rate_per_1k").mean()).sort(axis)
-            shown = ", ".join(f"{line_label(r, [axis])}: {r['spike_rate_per_1k']:.2f}"
+            shown = ", ".join(f"{line_label(r, [axis])}: "
+                              + ("n/a" if r["spike_rate_per_1k"] is None else f"{r['spike_rate_per_1k']:.2f}")
                               for r in pooled.iter_rows(named=True))
             lines.append(f"Spikes per 1,000 steps by {axis_name(axis)}, over all other settings: "
                          f"{shown}.")

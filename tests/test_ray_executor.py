@@ -258,6 +258,28 @@ def test_a_study_on_a_private_ray_matches_the_local_executor(tmp_path):
 
 
 @pytest.mark.ray
+def test_a_two_worker_trial_on_ray_matches_its_single_process_twin(ray_head, tmp_path):
+    # The trial's Ray task holds both CPUs and runs its two gloo ranks on that node.
+    base = {"train": {"examples_seen": 32 * 8, "batch_size": 32, "checkpoint_every": 4,
+                      "eval_every": 4}, "resources": {"cpus": 2}}
+    path = write(tmp_path / "study.yaml", tiny_study(grid={"loss.kind": ["sigmoid"]}, base=base))
+    assert main(["run", str(path), "--out", str(tmp_path / "local")]) == 0
+    code, output = finish(scalestudy(["run", str(path), "--executor", "ray", "--address",
+                                      ray_head.address, "--out", str(tmp_path / "ray"),
+                                      "--set", "resources.workers=2"], ray_head.env))
+    assert code == 0, output
+    single, on_ray = RunStore(tmp_path / "local" / "tiny"), RunStore(tmp_path / "ray" / "tiny")
+    assert on_ray.trial_ids() == single.trial_ids()  # resources are not part of the identity
+    tid = single.trial_ids()[0]
+    assert on_ray.trial(tid).read_trial().config.resources.world_size == 2
+    assert on_ray.trial(tid).state()["status"] == "done"
+    columns = ["step", "loss", "grad_norm", "temperature", "bias", "param_norm"]
+    assert_frame_equal(on_ray.trial(tid).metrics().select(columns),
+                       single.trial(tid).metrics().select(columns), rel_tol=1e-4, abs_tol=1e-6)
+    assert on_ray.trial(tid).evals()["step"].to_list() == [4, 8]
+
+
+@pytest.mark.ray
 def test_a_joined_cluster_fails_a_raising_trial_alone_and_retries_a_dead_worker_within_bounds(
     ray_head, tmp_path
 ):

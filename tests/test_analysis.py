@@ -97,6 +97,16 @@ def test_a_curve_that_rises_then_falls_is_not_forced_into_a_power_law():
     assert isinstance(result, FitFailure) and "R²" in result.reason
 
 
+def test_a_curve_still_straight_in_log_batch_gets_no_asymptote_from_extrapolation():
+    # Accuracy falling by 3 pp per doubling, as at a small fixed budget: no saturation in sight.
+    batch = np.repeat([16, 32, 64, 128, 256, 512], 3)
+    rng = np.random.default_rng(3)
+    result = fit_with_bands("sigmoid", batch, 0.25 - 0.03 * np.log2(batch / 16)
+                            + rng.normal(0, 0.005, batch.size))
+    assert isinstance(result, FitFailure)
+    assert "linearly in log B" in result.reason and "train.examples_seen" in result.reason
+
+
 def test_the_report_renders_a_store_with_failed_and_diverged_trials_and_counts_them(tmp_path):
     store = write_synthetic_run(tmp_path, batch_study(), status_of=one_failed_one_diverged)
     assert main(["report", str(store.root), "--exclude-diverged"]) == 0

@@ -8,8 +8,9 @@ size where it *saturates* is where the gap left to the asymptote, |c|·B^(−α)
 
 Fitting: for a fixed α the model is linear in (y_inf, c), so least squares has a closed form;
 α is found by a grid over (0, 4] refined by a finer grid around the best point, for all bootstrap
-replicates at once (numpy). Three parameters need at least four distinct batch sizes (one degree of freedom left to judge the fit); with fewer, or where the
-fitted curve explains little of the variation between batch-size means, the fit says so in words
+replicates at once (numpy). Three parameters need at least four distinct batch sizes (one degree of freedom left to judge the fit); with fewer, where the
+fitted curve explains little of the variation between batch-size means, or where it is still a
+straight line in log B (α near 0: no saturation visible), the fit says so in words
 (`FitFailure.reason`) instead of drawing a curve that means nothing.
 
 Bands: the trials are resampled with replacement within each batch size (seeds are the
@@ -34,6 +35,10 @@ ALPHA_GRID = np.geomspace(0.01, ALPHA_MAX, 200)
 # A fit whose curve explains less than this share of the variance between batch-size means is
 # not a saturating power law worth drawing (e.g. a curve that rises then falls).
 MIN_R2 = 0.5
+# Below this exponent the curve changes by under 3.5 % of its gap per doubling of B: over the tested
+# range it is a straight line in log B, and its "asymptote" and saturation point are extrapolations
+# by many orders of magnitude (a 6-doubling sweep at a small budget gave B_sat ≈ 10^300).
+MIN_ALPHA = 0.05
 
 
 class NotFittable(ValueError):
@@ -151,8 +156,9 @@ class FitSummary:
         # Past 100× the largest batch tested the upper bound is extrapolation, not information.
         limit = 100 * self.batch_range[1]
         upper = f"{hi:,.0f}" if hi <= limit else f"beyond {limit:,.0f}"
+        point = f"{self.saturation:,.0f}" if self.saturation <= limit else f"> {limit:,.0f}"
         where = (
-            f"saturates (within {self.tol * unit_scale:g}{unit} of it) at B ≈ {self.saturation:,.0f} "
+            f"saturates (within {self.tol * unit_scale:g}{unit} of it) at B ≈ {point} "
             f"({self.level:.0%} CI {lo:,.0f} to {upper})"
         )
         if not self.saturates_in_range:
@@ -187,6 +193,13 @@ def fit_with_bands(label: str, batch: np.ndarray, y: np.ndarray, tol: float = 0.
             f"the best saturating power law explains only R² = {fit.r2:.2f} of the variation "
             f"between batch-size means (below {MIN_R2}); the curve is not monotone in batch size "
             "or is within seed noise — look at the points, not a fit",
+        )
+    if fit.alpha < MIN_ALPHA:
+        return FitFailure(
+            label,
+            f"the batch-size means change about linearly in log B over the tested range (best "
+            f"exponent α = {fit.alpha:.2f} < {MIN_ALPHA}): no saturation shows yet, so an asymptote "
+            "would be pure extrapolation — widen the batch range or raise train.examples_seen",
         )
     # Resample each batch size's trials (its seeds) with replacement: one row of means per replicate.
     rng = np.random.default_rng(seed)

@@ -7,6 +7,7 @@ A study that does not sweep batch size gets the same figures over its settings i
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +129,15 @@ def _setting_points(ax: Axes, stats: pl.DataFrame, hue: list[str], scale: float,
     for i, (label, group) in enumerate(lines):
         mean = float(group["mean"][0]) * scale
         low, high = float(group["ci_low"][0]) * scale, float(group["ci_high"][0]) * scale
-        ax.errorbar([i], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=4,
-                    label=_legend_label(label, group, notes))
-    ax.set_xticks(range(len(lines)), [label for label, _ in lines], rotation=30, ha="right")
+        ax.errorbar([i], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=4)
+    _setting_ticks(ax, [_legend_label(label, group, notes) for label, group in lines])
     ax.set_xlabel(", ".join(axis_name(h) for h in hue) or "setting")
+
+
+def _setting_ticks(ax: Axes, labels: list[str]) -> None:
+    """One tick per setting, its label wrapped under it: the ticks name the points, no legend."""
+    ax.set_xticks(range(len(labels)), [textwrap.fill(label, 16) for label in labels], fontsize=8)
+    ax.set_xlim(-0.5, len(labels) - 0.5)
 
 
 def _chance(ax: Axes, trials: pl.DataFrame, metric: str) -> None:
@@ -142,11 +148,13 @@ def _chance(ax: Axes, trials: pl.DataFrame, metric: str) -> None:
 
 def plot_accuracy(agg: Aggregates, fits: list[FitSummary | FitFailure], out: Path) -> list[Path]:
     """Zero-shot top-1 against batch size (SigLIP Fig. 2): mean ± bootstrap CI, fits dashed."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Settings side by side (no batch axis) get room for their wrapped names.
+    fig, ax = plt.subplots(figsize=(7 if agg.layout.x is not None else 9.5, 4.5))
     _curve_panel(ax, agg, "zeroshot_top1", fits)
     _chance(ax, agg.trials, "zeroshot_top1")
     seeds = "seeds" if agg.layout.seed else "trials"
-    ax.set_title(f"Zero-shot accuracy: mean over {seeds}, band = {LEVEL:.0%} bootstrap CI"
+    spread = "band" if agg.layout.x is not None else "bar"
+    ax.set_title(f"Zero-shot accuracy: mean over {seeds}, {spread} = {LEVEL:.0%} bootstrap CI"
                  + (", dashed = power-law fit" if any(isinstance(f, FitSummary) for f in fits) else ""),
                  fontsize=10)
     _legend(ax)
@@ -179,12 +187,12 @@ def plot_instability(agg: Aggregates, out: Path) -> list[Path]:
         lines = _lines(frame, lay.hue)
         for i, (label, group) in enumerate(lines):
             if lay.x is None:
-                ax.plot([i], group[column].to_list()[:1], marker="o", linestyle="", label=label)
+                ax.plot([i], group[column].to_list()[:1], marker="o", linestyle="")
             else:
                 group = group.sort(lay.x)
                 ax.plot(group[lay.x], group[column], marker="o", label=f"{label} (n={group['n'].max()})")
         if lay.x is None:
-            ax.set_xticks(range(len(lines)), [label for label, _ in lines], rotation=30, ha="right")
+            _setting_ticks(ax, [label for label, _ in lines])
         else:
             _batch_axis(ax, sorted(agg.trials[lay.x].unique().to_list()))
         if column == "max_spike_ratio" and (frame[column].fill_nan(None).drop_nulls() > 0).any():

@@ -136,7 +136,10 @@ def _setting_points(ax: Axes, stats: pl.DataFrame, hue: list[str], scale: float,
 
 def _setting_ticks(ax: Axes, labels: list[str]) -> None:
     """One tick per setting, its label wrapped under it: the ticks name the points, no legend."""
-    ax.set_xticks(range(len(labels)), [textwrap.fill(label, 16) for label in labels], fontsize=8)
+    # Wrap to the room each tick has: ~5 pt per character at 8 pt type.
+    room = ax.figure.get_figwidth() * ax.get_position().width * 72 / max(1, len(labels))
+    width = max(6, int(room / 5.2))
+    ax.set_xticks(range(len(labels)), [textwrap.fill(label, width) for label in labels], fontsize=8)
     ax.set_xlim(-0.5, len(labels) - 0.5)
 
 

@@ -13,10 +13,10 @@ from tests.conftest import tiny_study
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
-def test_a_two_worker_trial_matches_its_single_process_twin(write_study, tmp_path, kind):
+@pytest.mark.parametrize(("kind", "chunk"), [("sigmoid", None), ("softmax", None), ("sigmoid", 8)])
+def test_a_two_worker_trial_matches_its_single_process_twin(write_study, tmp_path, kind, chunk):
     base = {"train": {"examples_seen": 32 * 12, "batch_size": 32, "checkpoint_every": 6,
-                      "eval_every": 6}, "resources": {"cpus": 2}}
+                      "eval_every": 6}, "resources": {"cpus": 2}, "loss": {"chunk_size": chunk}}
     single = expand(load_study(write_study(tiny_study(grid={"loss.kind": [kind]}, base=base))))[0]
     twin = single.model_copy(update={"config": single.config.model_copy(
         update={"resources": single.config.resources.model_copy(update={"workers": 2})})})

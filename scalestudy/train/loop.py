@@ -79,22 +79,17 @@ def compute_loss(
     exactly the pairs the uninterrupted one would have.
     """
     spec = trial.config.loss
+    if distributed:  # same signatures as the single-process losses, so one call per kind
+        from scalestudy.distributed_losses import distributed_sigmoid_loss as sigmoid
+        from scalestudy.distributed_losses import distributed_softmax_loss as softmax
+    else:
+        sigmoid, softmax = sigmoid_loss, softmax_loss
     if spec.kind == "softmax":
-        if distributed:
-            from scalestudy.distributed_losses import distributed_softmax_loss
-
-            return distributed_softmax_loss(image_features, text_features, scale)
-        return softmax_loss(image_features, text_features, scale, spec.chunk_size)
+        return softmax(image_features, text_features, scale, spec.chunk_size)
     masking = torch.Generator().manual_seed(trial.config.train.seed * 1_000_003 + step)
-    options: dict[str, Any] = dict(
-        negative_weight=spec.negative_weight, negative_mask_ratio=spec.negative_mask_ratio,
-        generator=masking,
-    )
-    if distributed:
-        from scalestudy.distributed_losses import distributed_sigmoid_loss
-
-        return distributed_sigmoid_loss(image_features, text_features, scale, bias, **options)
-    return sigmoid_loss(image_features, text_features, scale, bias, spec.chunk_size, **options)
+    return sigmoid(image_features, text_features, scale, bias, spec.chunk_size,
+                   negative_weight=spec.negative_weight, negative_mask_ratio=spec.negative_mask_ratio,
+                   generator=masking)
 
 
 def run_trial(trial_dir: str, backend: str = "local", stop: threading.Event | None = None) -> dict[str, Any] | None:

@@ -262,4 +262,4 @@ def test_bad_arguments_are_rejected_with_the_value_and_the_fix(
 
 
 def test_the_docstring_examples_run() -> None:
-    assert doctest.testmod(scalestudy.losses, verbose=False, report=True).failed == 0
+    assert doctest.testmod(scalestudy.losses, verbose=False).failed == 0

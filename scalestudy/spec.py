@@ -6,7 +6,6 @@ Expansion (`scalestudy.expand`) turns it into fully resolved trials; nothing her
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from pathlib import Path
@@ -14,6 +13,9 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from scalestudy.datafiles import absolute, class_folders, csv_with_columns, expand_braces
+from scalestudy.train.shapes_vocab import CLASSES, COLOURS, MAX_HOLDOUT_PAIRS, SHAPES
 
 
 class Spec(BaseModel):
@@ -23,55 +25,6 @@ class Spec(BaseModel):
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
-
-
-# WebDataset shard lists are brace patterns (`shard-{000..009}.tar`), as `webdataset` and
-# img2dataset write them; a group is a zero-padded integer range or a comma list (no nesting).
-BRACE_GROUP = re.compile(r"\{(\d+\.\.\d+|[^{}]*,[^{}]*)\}")
-# With more held-out pairs the diagonal pattern (scalestudy.train.data.diagonal_holdout) would take
-# every shape of some colour, and an unseen colour cannot be recombined.
-MAX_HOLDOUT_PAIRS = 32
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Every path a brace pattern names, leftmost group slowest: `s-{0..1}{a,b}` → s-0a s-0b s-1a s-1b.
-
-    `{000..009}` keeps the zero padding (as bash does when a bound has a leading zero).
-    """
-    match = BRACE_GROUP.search(pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    if ".." in body and "," not in body:
-        lo, hi = body.split("..")
-        width = max(len(lo), len(hi)) if any(len(b) > 1 and b[0] == "0" for b in (lo, hi)) else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
-    else:
-        choices = body.split(",")
-    head, tail = pattern[: match.start()], pattern[match.end():]
-    return [path for choice in choices for path in expand_braces(head + choice + tail)]
-
-
-def _absolute(path: str) -> str:
-    # Trials may run in another working directory (a Ray worker, a Slurm job), so the config
-    # records where the data is, not where the study was validated from.
-    return os.path.abspath(os.path.expanduser(path))
-
-
-def _csv_with_columns(path: str) -> str:
-    path = _absolute(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} does not exist; give the path of a CSV file with image,caption columns")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f), [])
-    missing = {"image", "caption"} - {column.strip() for column in header}
-    if missing:
-        raise ValueError(
-            f"{path} has columns {header} but needs {sorted(missing)}: the first line must name "
-            "the columns, e.g. `image,caption`"
-        )
-    return path
 
 
 class DataSpec(Spec):
@@ -163,7 +116,7 @@ class DataSpec(Spec):
             return None
         if not patterns:
             raise ValueError("the list of shards is empty; give at least one path or brace pattern")
-        resolved = [_absolute(pattern) for pattern in patterns]
+        resolved = [absolute(pattern) for pattern in patterns]
         for pattern in resolved:
             for path in expand_braces(pattern):
                 if not os.path.isfile(path):
@@ -174,14 +127,14 @@ class DataSpec(Spec):
     @field_validator("csv", "eval_csv")
     @classmethod
     def _csv_exists(cls, path: str | None) -> str | None:
-        return None if path is None else _csv_with_columns(path)
+        return None if path is None else csv_with_columns(path)
 
     @field_validator("zeroshot_dir")
     @classmethod
     def _zeroshot_dir_has_classes(cls, path: str | None) -> str | None:
         if path is None:
             return None
-        path = _absolute(path)
+        path = absolute(path)
         if not os.path.isdir(path):
             raise ValueError(f"{path} is not a directory; give a folder with one subfolder per class")
         if len(class_folders(path)) < 2:
@@ -237,10 +190,6 @@ class DataSpec(Spec):
                 "or data.holdout_classes"
             )
         if self.holdout_classes is not None:
-            # The shapes vocabulary lives with its renderer; importing it here only costs the
-            # import when a study names held-out classes.
-            from scalestudy.train.data import CLASSES, COLOURS, SHAPES
-
             unknown = [name for name in self.holdout_classes if name not in CLASSES]
             if unknown:
                 raise ValueError(
@@ -269,13 +218,6 @@ class DataSpec(Spec):
                 "subfolder, in sorted order"
             )
         return self
-
-
-def class_folders(zeroshot_dir: str) -> list[str]:
-    """The class subfolders of a zero-shot folder, sorted by name (hidden ones left out)."""
-    return sorted(
-        entry.path for entry in os.scandir(zeroshot_dir) if entry.is_dir() and not entry.name.startswith(".")
-    )
 
 
 class ModelSpec(Spec):

@@ -22,7 +22,8 @@ from pydantic import ValidationError
 from scalestudy.cli import main
 from scalestudy.errors import SpecError
 from scalestudy.load import validate_study
-from scalestudy.spec import DataSpec, expand_braces
+from scalestudy.datafiles import expand_braces
+from scalestudy.spec import DataSpec
 from scalestudy.store import RunStore
 from scalestudy.train.data import CLASSES, COLOURS, SHAPES, make_dataset, mismatch_captions
 from scalestudy.train.realdata import MEAN, STD

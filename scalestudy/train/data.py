@@ -22,25 +22,10 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from scalestudy.spec import DataSpec
+from scalestudy.train.shapes_vocab import CLASSES, COLOURS, SHAPES, SIZES, TEMPLATES, diagonal_holdout
 
 if TYPE_CHECKING:
     from scalestudy.train.realdata import ImageFolder
-
-COLOURS: dict[str, tuple[float, float, float]] = {
-    "red": (0.9, 0.1, 0.1),
-    "green": (0.1, 0.8, 0.2),
-    "blue": (0.15, 0.3, 0.95),
-    "yellow": (0.95, 0.9, 0.1),
-    "purple": (0.6, 0.15, 0.8),
-    "orange": (1.0, 0.55, 0.05),
-    "white": (0.95, 0.95, 0.95),
-    "cyan": (0.1, 0.9, 0.9),
-}
-SHAPES = ("circle", "square", "triangle", "cross", "diamond")
-SIZES = {"small": 0.14, "large": 0.24}  # radius as a fraction of the image side
-# Zero-shot classes are colour–shape pairs, so chance is 1/40; prompts ensemble as in CLIP §3.1.4.
-CLASSES = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
-TEMPLATES = ("a {}", "a small {}", "a large {}", "a picture of a {}")
 
 # Separate random streams: training never sees an evaluation image, and the noise, data order and
 # replacement draws never shift the images of a batch.
@@ -143,18 +128,6 @@ class Dataset(Protocol):
     def skipped(self) -> dict[str, int]:
         """Samples skipped so far because they could not be used, counted by reason."""
         ...
-
-
-def diagonal_holdout(count: int) -> tuple[str, ...]:
-    """`count` colour–shape classes to hold out of training, spread so every colour and every shape
-    keeps training pairs (up to scalestudy.spec.MAX_HOLDOUT_PAIRS): the i-th is colour i mod 8 with
-    shape (i + i // 8) mod 5.
-    """
-    colours = list(COLOURS)
-    return tuple(
-        f"{colours[i % len(colours)]} {SHAPES[(i + i // len(colours)) % len(SHAPES)]}"
-        for i in range(count)
-    )
 
 
 def mismatch_captions(captions: list[str], fraction: float, seed: int, step: int) -> list[str]:

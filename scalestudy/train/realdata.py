@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from scalestudy.spec import DataSpec, class_folders, expand_braces
+from scalestudy.datafiles import class_folders, expand_braces
+from scalestudy.spec import DataSpec
 from scalestudy.train.data import Batch, mismatch_captions, random_stream
 
 log = logging.getLogger(__name__)

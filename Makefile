@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart test test-fast clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ quickstart: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Every test that does not train a model, start Ray, need the local Slurm or drive a browser:
+# what to run on every change (README, "Development").
+test-fast: install
+	$(PY) -m pytest -q -m "not train and not ray and not slurm and not browser"
 
 clean:
 	rm -rf $(VENV) runs

@@ -128,7 +128,7 @@ def write_run(out: Path) -> RunStore:
     study = StudySpec.model_validate(STUDY)
     store = RunStore(out / study.name)
     if len(store.trial_ids()) == 200 and all(
-        store.trial(t).state().get("status") != "pending" for t in store.trial_ids()
+        store.trial(t).state().status != "pending" for t in store.trial_ids()
     ):
         return store
     atomic_write_text(store.study_path, yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))

@@ -27,9 +27,7 @@ import polars as pl
 from scalestudy.analysis.aggregate import aggregate
 from scalestudy.analysis.report import accuracy_fits, draw_figures
 from scalestudy.analysis.synthetic import write_synthetic_run
-from scalestudy.expand import Trial
-from scalestudy.results import write_results
-from scalestudy.store import RunStore
+from scalestudy.store import RunStore, Trial, write_results
 
 BATCH_SIZES = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 AXES = ["loss.kind", "optim.beta2", "train.batch_size", "train.seed"]

@@ -16,10 +16,11 @@ from typing import Any
 import yaml
 
 from scalestudy.errors import ScalestudyError, UsageError
-from scalestudy.expand import Trial, axes, expand
+from scalestudy.expand import axes, expand
 from scalestudy.load import load_study
+from scalestudy.preflight import preflight
 from scalestudy.spec import StudySpec
-from scalestudy.store import FINAL_STATES, RunStore, atomic_write_text
+from scalestudy.store import RESULTS, Manifest, Rows, RunStore, Status, Trial
 
 
 def _load(args: argparse.Namespace) -> tuple[StudySpec, list[Trial]]:
@@ -33,7 +34,9 @@ def _load(args: argparse.Namespace) -> tuple[StudySpec, list[Trial]]:
     if getattr(args, "address", None) and study.executor.kind != "ray":
         raise UsageError(f"--address {args.address} joins a Ray cluster, but executor.kind is "
                          f"{study.executor.kind}; add --executor ray")
-    return study, expand(study, str(args.study))
+    trials = expand(study, str(args.study))
+    preflight(trials, str(args.study), axes(study))
+    return study, trials
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -92,21 +95,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from scalestudy.executors import get_executor
     from scalestudy.executors.base import BatchExecutor
-    from scalestudy.results import write_results
+    from scalestudy.reconcile import adopt_earlier_ids, check_unchanged
 
     study, trials = _load(args)
     executor = get_executor(study.executor.kind)
     store = RunStore(Path(args.out) / study.name)
-    atomic_write_text(store.study_path, yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
+    for old, new in adopt_earlier_ids(store, trials):
+        print(f"trial {old} (stored under an earlier id scheme) is now {new}")
+    retrained = check_unchanged(store, trials, args.retrain_changed,
+                                f"scalestudy run {' '.join(_argv_of(args))}")
+    for tid in retrained:
+        print(f"trial {tid} changed: its earlier result moved to {store.superseded_dir}/, it trains again")
+    store.write_study(Manifest(name=study.name, description=study.description, axes=axes(study),
+                               trial_ids=[t.trial_id for t in trials],
+                               study=study.model_dump(mode="json")))
     for trial in trials:
         store.add_trial(trial)
     if isinstance(executor, BatchExecutor):  # jobs that died unseen count as failed or preempted
         executor.job_states(store, [t.trial_id for t in trials])
-    states = {t.trial_id: store.trial(t.trial_id).state()["status"] for t in trials}
-    skip = set(FINAL_STATES) | ({"failed"} if not args.retry_failed else set())
+    states = {t.trial_id: store.trial(t.trial_id).state().status for t in trials}
+    skip = set(RESULTS) | ({Status.FAILED} if not args.retry_failed else set())
     todo = [t for t in trials if states[t.trial_id] not in skip]
-    finished = sum(s in FINAL_STATES for s in states.values())
-    failed_before = sum(s == "failed" for s in states.values())
+    finished = sum(s.is_result for s in states.values())
+    failed_before = sum(s == Status.FAILED for s in states.values())
     print(f"{store.root}: {len(trials)} trials, {finished} already finished, {len(todo)} to run"
           + (f", {failed_before} failed (skipped; --retry-failed runs them again)"
              if failed_before and not args.retry_failed else ""))
@@ -114,8 +125,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         executor.run(store, todo, study)
     if args.wait and isinstance(executor, BatchExecutor):
         executor.wait(store, [t.trial_id for t in trials])
-    frame = write_results(store)
-    failed = frame.filter(frame["in_study"] & (frame["status"] == "failed"))
+    frame = Rows(store).write()
+    failed = frame.filter(frame["in_study"] & (frame["status"] == Status.FAILED))
     for row in failed.iter_rows(named=True):
         print(f"trial {row['trial_id']} failed: {(row['error'] or '').strip().splitlines()[-1:]}",
               file=sys.stderr)
@@ -123,28 +134,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed.height else 0
 
 
+def _argv_of(args: argparse.Namespace) -> list[str]:
+    """The `run` command line as given (for messages that say what to run next)."""
+    words = [str(args.study)] + [f"--set {a}" for a in args.set or []]
+    if args.executor:
+        words.append(f"--executor {args.executor}")
+    if args.out != "runs":
+        words.append(f"--out {args.out}")
+    return words
+
+
 STATUS_COLUMNS = ["trial_id", "status", "step", "steps", "final_loss", "zeroshot_top1",
                   "spike_count", "max_spike_ratio"]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from scalestudy.results import results_frame, study_axes
-
     store = RunStore.open(args.run_dir)
     jobs = job_columns(store)  # first: it records ends that only the scheduler saw
-    frame = results_frame(store)
+    manifest = store.manifest()
+    frame = Rows(store).frame()
     rows = [{**row, **jobs.get(row["trial_id"], {})} for row in frame.to_dicts()]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     job_states = sorted({k for j in jobs.values() for k in j if k.endswith("_state")})
-    columns = STATUS_COLUMNS[:2] + job_states + study_axes(store) + STATUS_COLUMNS[2:]
+    columns = STATUS_COLUMNS[:2] + job_states + manifest.axes + STATUS_COLUMNS[2:]
     print(format_table(rows, columns))
     counts = frame.group_by("status").len().sort("status").iter_rows()
     print("  ".join(f"{status}: {n}" for status, n in counts))
     for row in rows:
-        if row["status"] in ("failed", "preempted") and (row.get("error") or "").strip():
-            log = store.trial(row["trial_id"]).state().get("log")
+        if row["status"] in (Status.FAILED, Status.PREEMPTED) and (row.get("error") or "").strip():
+            log = store.trial(row["trial_id"]).state().log
             print(f"\n{row['trial_id']} {row['status']}: {row['error'].strip().splitlines()[-1]}"
                   + (f"\n  log: {log}" if log else ""))
     return 0
@@ -159,18 +179,17 @@ def job_columns(store: RunStore) -> dict[str, dict[str, Any]]:
         for tid, job_state in executor.job_states(store, trial_ids).items():
             state = store.trial(tid).state()
             columns[tid] = {f"{executor.name}_state": job_state.lower(),
-                            "job_id": state.get("job_id"), "log": state.get("log")}
+                            "job_id": state.job_id, "log": state.log}
     return columns
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from scalestudy.executors import batch_jobs
-    from scalestudy.results import write_results
 
     store = RunStore.open(args.run_dir)
     cancelled = [tid for executor, trial_ids in batch_jobs(store)
                  for tid in executor.cancel(store, trial_ids)]
-    write_results(store)
+    Rows(store).write()
     if not cancelled:
         print(f"{store.root}: no queued or running jobs to cancel")
         return 0
@@ -192,6 +211,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from scalestudy.dashboard import serve
 
+    RunStore.open(args.run_dir)
     serve(args.run_dir, args.host, args.port)
     return 0
 
@@ -226,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "auto) instead of starting a private one (sets executor.ray.address)")
     p.add_argument("--out", default="runs", help="the run directory is OUT/<study name> (default runs)")
     p.add_argument("--retry-failed", action="store_true", help="run failed trials again too")
+    p.add_argument("--retrain-changed", action="store_true",
+                   help="train again the trials whose stored config differs from what the study "
+                        "resolves to now (their earlier results move to RUN_DIR/superseded/); "
+                        "without it, `run` stops and names the differences")
     p.add_argument("--wait", action="store_true", help="with a batch executor (slurm): block "
                    "until the submitted trials end, with live progress")
     p.set_defaults(func=cmd_run)

@@ -7,56 +7,62 @@ here and nowhere else, so `plan` shows exactly what `run` trains.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from scalestudy.errors import SpecError
 from scalestudy.load import format_validation_error, get_dotted, model_at, set_dotted
 from scalestudy.spec import StudySpec, TrialConfig
+from scalestudy.store.records import Derived, Trial
 
 # CLIP §2.5: logit scale initialised to 1/0.07 (and clipped at 100). SigLIP §3.2: t' = log 10, b = −10.
 DEFAULT_TEMPERATURE = {"softmax": 1 / 0.07, "sigmoid": 10.0}
 DEFAULT_SIGMOID_BIAS = -10.0
 # Parts of the config that do not change what a trial computes, so they are not in its id.
 NOT_IDENTITY = {"resources"}
+_MISSING = object()
 
 
-class Derived(BaseModel):
-    """Values computed from a TrialConfig; shown by `plan`, used by the trial."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    steps: int = Field(description="ceil(train.examples_seen / train.batch_size).")
-    examples_seen: int = Field(description="steps × batch size: the budget actually trained.")
-    lr: float = Field(description="optim.lr scaled by optim.lr_scaling for this batch size.")
-    warmup_steps: int = Field(description="round(optim.warmup_fraction × steps).")
-    temperature_init: float = Field(description="Initial logit scale t.")
-    bias_init: float | None = Field(
-        description="Initial sigmoid bias b; None for softmax and for sigmoid with use_bias=false."
-    )
+@functools.cache
+def defaults(config_type: type[TrialConfig] = TrialConfig) -> dict[str, Any]:
+    """Every key of a trial config at its default value (nested, as JSON)."""
+    return config_type().model_dump(mode="json")
 
 
-class Trial(BaseModel):
-    """One fully resolved trial: what `config.json` in its directory holds."""
+def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        default = defaults.get(key, _MISSING)
+        if isinstance(value, dict) and isinstance(default, dict):
+            nested = _non_default(value, default)
+            if nested:
+                out[key] = nested
+        elif value != default:
+            out[key] = value
+    return out
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    trial_id: str
-    config: TrialConfig
-    derived: Derived
-    swept: dict[str, Any] = Field(description="The value of each swept dotted key for this trial.")
+def identity(config: TrialConfig) -> dict[str, Any]:
+    """What a trial's id hashes: the config's keys that are not at their default, minus resources.
+
+    Leaving defaults out means a key added to the spec (with a default that keeps the old
+    behaviour) changes no existing id. The other side, a default that *changes*, would silently
+    give the same id to a different computation; `run` guards against that by comparing each
+    stored trial's full config with the new one (scalestudy.reconcile).
+    """
+    values = {k: v for k, v in config.model_dump(mode="json").items() if k not in NOT_IDENTITY}
+    return _non_default(values, defaults(type(config)))
 
 
 def trial_id(config: TrialConfig) -> str:
-    """A short stable hash of the config's canonical JSON (sorted keys, resources left out)."""
-    canonical = json.dumps(
-        config.model_dump(mode="json", exclude=NOT_IDENTITY), sort_keys=True, separators=(",", ":")
-    )
+    """A short stable hash of the identity's canonical JSON (sorted keys, no spaces)."""
+    canonical = json.dumps(identity(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 

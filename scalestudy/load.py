@@ -7,6 +7,7 @@ key, the bad value and what is allowed.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from scalestudy.errors import SpecError
-from scalestudy.spec import StudySpec, TrialConfig
+from scalestudy.spec import SlurmExecutorSpec, StudySpec, TrialConfig
 
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
@@ -137,6 +138,56 @@ def _allowed_keys(path: str) -> str:
     return ", ".join(root.model_fields)
 
 
+# Shipped Slurm profiles (package data); $SCALESTUDY_SLURM_PROFILES names more folders (os.pathsep
+# separated, searched first); any other profile is given by path.
+SLURM_PROFILES = Path(__file__).resolve().parent / "executors" / "slurm_profiles"
+PROFILE_DIRS_ENV = "SCALESTUDY_SLURM_PROFILES"
+
+
+def profile_dirs() -> list[Path]:
+    extra = [Path(p).expanduser() for p in os.environ.get(PROFILE_DIRS_ENV, "").split(os.pathsep) if p]
+    return extra + [SLURM_PROFILES]
+
+
+def read_slurm_profile(ref: str) -> dict[str, Any]:
+    """The keys of a Slurm profile: a name from `profile_dirs()` or a YAML file's path, checked."""
+    is_path = "/" in ref or ref.endswith((".yaml", ".yml"))
+    candidates = [Path(ref).expanduser()] if is_path else [d / f"{ref}.yaml" for d in profile_dirs()]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        known = sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+        where = candidates[0] if is_path else " or ".join(str(d) for d in profile_dirs())
+        raise SpecError(
+            f"executor.slurm.profile={ref!r}: not found in {where}; use a profile name "
+            f"({', '.join(known) or 'none found'}; ${PROFILE_DIRS_ENV} adds folders) or the path "
+            "of a YAML file of executor.slurm keys"
+        )
+    try:
+        keys = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"profile {path} is not valid YAML: {err}") from None
+    if not isinstance(keys, dict) or "profile" in keys:
+        raise SpecError(f"profile {path} must be a mapping of executor.slurm keys other than profile")
+    try:
+        SlurmExecutorSpec.model_validate(keys)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise SpecError(f"profile {path}: {problems} (allowed keys: "
+                        f"{', '.join(SlurmExecutorSpec.model_fields)})") from None
+    return keys
+
+
+def resolve_profiles(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fill executor.slurm's unset keys from its profile, so the resolved study records them
+    (and reloading the run directory's study.yaml changes nothing)."""
+    executor = raw.get("executor")
+    slurm = executor.get("slurm") if isinstance(executor, dict) else None
+    if not isinstance(slurm, dict) or slurm.get("profile") is None:
+        return raw
+    resolved = {**read_slurm_profile(str(slurm["profile"])), **slurm}
+    return set_dotted(raw, "executor.slurm", resolved)
+
+
 def validate_study(raw: dict[str, Any], source: str) -> StudySpec:
     try:
         return StudySpec.model_validate(raw)
@@ -154,4 +205,4 @@ def load_study(path: str | Path, overrides: Iterable[str] = ()) -> StudySpec:
     raw = parse_yaml(text, str(path))
     for assignment in overrides:
         raw = apply_override(raw, assignment)
-    return validate_study(raw, str(path))
+    return validate_study(resolve_profiles(raw), str(path))

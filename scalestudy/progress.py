@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from typing import TextIO
 
-from scalestudy.store import RunStore
+from scalestudy.store import RunStore, Status
 
 
 class Progress:
@@ -28,15 +28,15 @@ class Progress:
 
     def line(self) -> str:
         states = {tid: self.store.trial(tid).state() for tid in self.trial_ids}
-        counts = Counter(s.get("status", "pending") for s in states.values())
-        done = counts["done"] + counts["diverged"]
+        counts = Counter(s.status for s in states.values())
+        done = sum(n for status, n in counts.items() if status.is_result)
         parts = [f"[{done}/{len(states)} finished]"]
-        parts += [f"{n} {name}" for name, n in sorted(counts.items()) if name not in ("done",) and n]
+        parts += [f"{n} {status}" for status, n in sorted(counts.items())
+                  if status != Status.DONE and n]
         for tid, state in states.items():
-            if state.get("status") == "running" and state.get("step"):
-                loss = state.get("loss")
-                shown = f" loss {loss:.3f}" if isinstance(loss, float) else ""
-                parts.append(f"{tid} {state['step']}/{state.get('steps', '?')}{shown}")
+            if state.status == Status.RUNNING and state.step:
+                shown = f" loss {state.loss:.3f}" if state.loss is not None else ""
+                parts.append(f"{tid} {state.step}/{state.steps or '?'}{shown}")
         return "  ".join(parts)
 
     def tick(self, force: bool = False) -> None:

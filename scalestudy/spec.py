@@ -2,19 +2,19 @@
 
 A `StudySpec` holds a `base` TrialConfig, a `sweep` over dotted keys of it, and executor settings.
 Expansion (`scalestudy.expand`) turns it into fully resolved trials; nothing here derives values.
+Validation here checks values only and never touches the file system or a cluster: whether data
+files exist is `scalestudy.preflight`'s question, and Slurm profiles are read by
+`scalestudy.load`, both only for `validate`, `plan` and `run`.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from scalestudy.datafiles import absolute, class_folders, csv_with_columns, expand_braces
+from scalestudy.datafiles import absolute
 from scalestudy.train.shapes_vocab import CLASSES, COLOURS, MAX_HOLDOUT_PAIRS, SHAPES
 
 
@@ -111,35 +111,19 @@ class DataSpec(Spec):
 
     @field_validator("shards", "eval_shards")
     @classmethod
-    def _shards_exist(cls, patterns: list[str] | None) -> list[str] | None:
+    def _shards_absolute(cls, patterns: list[str] | None) -> list[str] | None:
+        # Whether the files exist is the preflight's question (scalestudy.preflight): the schema
+        # never touches the file system, so a run directory copied without its data still reads.
         if patterns is None:
             return None
         if not patterns:
             raise ValueError("the list of shards is empty; give at least one path or brace pattern")
-        resolved = [absolute(pattern) for pattern in patterns]
-        for pattern in resolved:
-            for path in expand_braces(pattern):
-                if not os.path.isfile(path):
-                    origin = f" (from the pattern {pattern})" if path != pattern else ""
-                    raise ValueError(f"the shard {path}{origin} does not exist; check the path")
-        return resolved
+        return [absolute(pattern) for pattern in patterns]
 
-    @field_validator("csv", "eval_csv")
+    @field_validator("csv", "eval_csv", "zeroshot_dir")
     @classmethod
-    def _csv_exists(cls, path: str | None) -> str | None:
-        return None if path is None else csv_with_columns(path)
-
-    @field_validator("zeroshot_dir")
-    @classmethod
-    def _zeroshot_dir_has_classes(cls, path: str | None) -> str | None:
-        if path is None:
-            return None
-        path = absolute(path)
-        if not os.path.isdir(path):
-            raise ValueError(f"{path} is not a directory; give a folder with one subfolder per class")
-        if len(class_folders(path)) < 2:
-            raise ValueError(f"{path} needs at least two class subfolders (one per class) for zero-shot")
-        return path
+    def _path_absolute(cls, path: str | None) -> str | None:
+        return None if path is None else absolute(path)
 
     @field_validator("zeroshot_templates")
     @classmethod
@@ -205,18 +189,9 @@ class DataSpec(Spec):
         return self
 
     @model_validator(mode="after")
-    def _class_names_match_folders(self) -> DataSpec:
-        if self.zeroshot_classes is None:
-            return self
-        if self.zeroshot_dir is None:
+    def _class_names_need_a_folder(self) -> DataSpec:
+        if self.zeroshot_classes is not None and self.zeroshot_dir is None:
             raise ValueError("data.zeroshot_classes names the classes of data.zeroshot_dir; set it too")
-        folders = class_folders(self.zeroshot_dir)
-        if len(self.zeroshot_classes) != len(folders):
-            raise ValueError(
-                f"data.zeroshot_classes has {len(self.zeroshot_classes)} names but "
-                f"{self.zeroshot_dir} has {len(folders)} class subfolders; give one name per "
-                "subfolder, in sorted order"
-            )
         return self
 
 
@@ -354,7 +329,9 @@ class TrainSpec(Spec):
         100, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: CUDA when torch sees a GPU, else CPU. cuda without a GPU is an error."
+        "auto",
+        description="auto: CUDA when the trial has GPUs (resources.gpus ≥ 1) and torch sees them, "
+        "else the CPU; cpu: always the CPU; cuda: the trial's GPUs, an error without them.",
     )
 
 
@@ -412,6 +389,15 @@ class TrialConfig(Spec):
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} must divide evenly over {ranks} "
                 "data-parallel ranks (resources.gpus, or resources.workers without GPUs)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cuda_needs_gpus(self) -> TrialConfig:
+        if self.train.device == "cuda" and self.resources.gpus == 0:
+            raise ValueError(
+                "train.device=cuda but resources.gpus=0: a trial only gets the GPUs it asks for; "
+                "set resources.gpus ≥ 1, or train.device=auto or cpu"
             )
         return self
 
@@ -476,7 +462,7 @@ class LocalExecutorSpec(Spec):
 
 
 # `ray.init` addresses the Ray executor accepts; `ray://` (Ray Client) needs an extra that is not
-# installed and only times out (../shared/notes/ray-and-torch-on-these-machines.md §5).
+# installed and only times out.
 RAY_ADDRESS = re.compile(r"^(local|auto|[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5})$")
 
 
@@ -519,42 +505,15 @@ class RayExecutorSpec(Spec):
         return self
 
 
-# Shipped Slurm profiles (a checkout's cluster/slurm/profiles/); any other profile is given by path.
-SLURM_PROFILES = Path(__file__).resolve().parents[1] / "cluster" / "slurm" / "profiles"
-
-
-def read_slurm_profile(ref: str) -> dict[str, Any]:
-    """The keys of a Slurm profile: a name from SLURM_PROFILES or a YAML file's path, checked."""
-    is_path = "/" in ref or ref.endswith((".yaml", ".yml"))
-    path = Path(ref).expanduser() if is_path else SLURM_PROFILES / f"{ref}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in SLURM_PROFILES.glob("*.yaml"))) or "none found"
-        raise ValueError(
-            f"profile={ref!r}: {path} does not exist; use a profile name from {SLURM_PROFILES} "
-            f"({known}) or the path of a YAML file of executor.slurm keys"
-        )
-    try:
-        keys = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"profile {path} is not valid YAML: {err}") from None
-    if not isinstance(keys, dict) or "profile" in keys:
-        raise ValueError(f"profile {path} must be a mapping of executor.slurm keys other than profile")
-    try:
-        SlurmExecutorSpec.model_validate(keys)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"profile {path}: {problems} (allowed keys: "
-                         f"{', '.join(SlurmExecutorSpec.model_fields)})") from None
-    return keys
-
-
 class SlurmExecutorSpec(Spec):
     """Where and how trials go to Slurm; resources.* of each trial set its nodes, tasks, CPUs, GPUs."""
 
     profile: str | None = Field(
         None,
-        description="A cluster profile: a name from cluster/slurm/profiles/ (e.g. gpu-a100) or "
-        "the path of a YAML file with these same keys; keys set here override the profile's.",
+        description="A cluster profile: a name (a shipped one such as gpu-a100, cpu or local, or one "
+        "in a folder of $SCALESTUDY_SLURM_PROFILES) or the path of a YAML file with these same "
+        "keys; keys set here override the profile's. Resolved when the study is loaded, so the "
+        "run directory's study.yaml records the values used.",
     )
     partition: str | None = Field(
         None, description="sbatch --partition (default: the cluster's default partition)."
@@ -607,15 +566,6 @@ class SlurmExecutorSpec(Spec):
         description="Further sbatch options by long name without dashes, e.g. "
         "{exclusive: true, mail-type: FAIL}.",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _profile_fills_unset_keys(cls, data: Any) -> Any:
-        # Resolved here, not at submission, so `validate` checks the profile and the run
-        # directory's study.yaml records the values used (reloading it changes nothing).
-        if isinstance(data, dict) and data.get("profile") is not None:
-            return {**read_slurm_profile(str(data["profile"])), **data}
-        return data
 
     @model_validator(mode="after")
     def _signal_before_time_limit(self) -> SlurmExecutorSpec:

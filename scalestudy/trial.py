@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
-from scalestudy.train.loop import Preempted, run_trial
-
-EXIT_PREEMPTED = 3
+from scalestudy.errors import Preempted
+from scalestudy.executors.process import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,17 +19,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("trial_dir", help="RUN_DIR/trials/<id>, holding config.json")
     parser.add_argument("--backend", default="local", help="recorded in state.json")
     args = parser.parse_args(argv)
+    # Imported here: torch takes a second to import, and `--help` should not wait for it.
+    from scalestudy.train.loop import run_trial
+
     try:
         run_trial(args.trial_dir, backend=args.backend)
     except Preempted as stopped:
         print(f"preempted: {stopped}", file=sys.stderr)
         return EXIT_PREEMPTED
     except Exception:  # noqa: BLE001 - already recorded as failed in state.json with the traceback
-        import traceback
-
         traceback.print_exc()
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from scalestudy.analysis.summary import counts_line, findings
 from scalestudy.analysis.synthetic import TRUTH, write_synthetic_run
 from scalestudy.cli import main
 from scalestudy.expand import Trial
-from scalestudy.results import study_axes
 
 AXES = ["loss.kind", "train.batch_size", "train.seed"]
 
@@ -167,7 +166,7 @@ def test_an_init_sweep_gets_the_heatmap_and_the_early_loss_figure(tmp_path):
                           "loss.use_bias": [True, True, False]}},
     }
     store = write_synthetic_run(tmp_path, study)
-    agg = aggregate(store.root, study_axes(store), n_boot=200)
+    agg = aggregate(store.root, store.manifest().axes, n_boot=200)
     assert figures.has_init_grid(agg.layout)
     paths = figures.plot_init_heatmap(agg, tmp_path) + figures.plot_early_loss(agg, tmp_path)
     assert [p.name for p in paths] == ["init_sensitivity.png", "init_sensitivity.svg",

@@ -212,7 +212,7 @@ def test_an_empty_run_directory_renders_with_a_notice_and_fills_in_later(tmp_pat
     root.mkdir()
     for url in serving(root):
         overview = get_json(f"{url}/api/overview")
-        assert overview["trials"] == [] and "study.yaml" in overview["problem"]
+        assert overview["trials"] == [] and "manifest.json" in overview["problem"]
         assert get(f"{url}/")[0] == 200
 
 
@@ -287,6 +287,25 @@ def test_the_server_binds_to_loopback_unless_told_otherwise(run_dir):
         assert server.server_address[0] == "127.0.0.1"
     finally:
         server.server_close()
+
+
+def with_host(url: str, host: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_a_request_for_another_host_name_is_refused_against_dns_rebinding(serve):
+    # A page on evil.example whose name was rebound to 127.0.0.1 sends its own Host header.
+    port = serve.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", ""):
+        status, body = with_host(f"{serve}/api/overview", host)
+        assert status == 403 and b"not this dashboard's address" in body, host
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+        assert with_host(f"{serve}/api/overview", host)[0] == 200, host
 
 
 def test_the_command_names_a_missing_run_directory_and_a_busy_port(tmp_path, run_dir, capsys):

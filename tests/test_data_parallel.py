@@ -10,7 +10,7 @@ from scalestudy.store import RunStore
 from scalestudy.train.loop import run_trial
 from tests.conftest import tiny_study
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.train
 
 
 @pytest.mark.parametrize(("kind", "chunk"), [("sigmoid", None), ("softmax", None), ("sigmoid", 8)])
@@ -26,7 +26,7 @@ def test_a_two_worker_trial_matches_its_single_process_twin(write_study, tmp_pat
     for name, trial in (("single", single), ("workers2", twin)):
         ts = RunStore(tmp_path / name).add_trial(trial)
         summaries[name] = run_trial(str(ts.path))
-        assert ts.state()["status"] == "done"
+        assert ts.state().status == "done"
     one = RunStore(tmp_path / "single").trial(single.trial_id)
     two = RunStore(tmp_path / "workers2").trial(single.trial_id)
     columns = ["step", "loss", "grad_norm", "temperature", "update_norm", "param_norm"]

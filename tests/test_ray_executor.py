@@ -3,7 +3,7 @@
 The joined cluster is one `ray start --head --block` per module, on free ports, with a private
 temp dir and a random auth token (Ray's servers listen on every interface, so the token keeps the
 test cluster ours). It is stopped by its own process group and descendants: never `ray stop`,
-which would stop every Ray on the machine (../shared/notes/ray-and-torch-on-these-machines.md §5).
+which would stop every Ray cluster of the user on the machine.
 Where `unshare` works, the head runs in a private mount namespace with an empty tmpfs over one
 directory: a real stand-in for a run directory that is not on storage the workers share.
 """
@@ -249,8 +249,8 @@ def test_a_study_on_a_private_ray_matches_the_local_executor(tmp_path):
     local, on_ray = RunStore(tmp_path / "local" / "tiny"), RunStore(tmp_path / "ray" / "tiny")
     assert on_ray.trial_ids() == local.trial_ids() and len(on_ray.trial_ids()) == 2
     for tid in local.trial_ids():
-        assert on_ray.trial(tid).state()["status"] == "done"
-        assert on_ray.trial(tid).state()["backend"] == "ray"
+        assert on_ray.trial(tid).state().status == "done"
+        assert on_ray.trial(tid).state().backend == "ray"
         assert_frame_equal(on_ray.trial(tid).metrics().drop("step_time_s"),
                            local.trial(tid).metrics().drop("step_time_s"), rel_tol=1e-5)
         assert_frame_equal(on_ray.trial(tid).evals(), local.trial(tid).evals(), rel_tol=1e-5)
@@ -272,7 +272,7 @@ def test_a_two_worker_trial_on_ray_matches_its_single_process_twin(ray_head, tmp
     assert on_ray.trial_ids() == single.trial_ids()  # resources are not part of the identity
     tid = single.trial_ids()[0]
     assert on_ray.trial(tid).read_trial().config.resources.world_size == 2
-    assert on_ray.trial(tid).state()["status"] == "done"
+    assert on_ray.trial(tid).state().status == "done"
     columns = ["step", "loss", "grad_norm", "temperature", "bias", "param_norm"]
     assert_frame_equal(on_ray.trial(tid).metrics().select(columns),
                        single.trial(tid).metrics().select(columns), rel_tol=1e-4, abs_tol=1e-6)
@@ -308,7 +308,7 @@ def test_a_joined_cluster_fails_a_raising_trial_alone_and_retries_a_dead_worker_
     assert code == 1, output
     assert ray_head.joined_by(driver.pid), "the driver started its own Ray instead of joining"
 
-    raised, retried, given_up = (store.trial(ids[s]).state() for s in (0, 1, 2))
+    raised, retried, given_up = (store.trial(ids[s]).state().model_dump() for s in (0, 1, 2))
     assert raised["status"] == "failed" and raised["attempts"] == 1
     assert "Traceback" in raised["error"]
     assert retried["status"] == "done" and retried["attempts"] == 2
@@ -351,7 +351,7 @@ def test_a_study_stopped_by_ctrl_c_and_then_by_a_dead_driver_resumes_to_the_same
     assert code == 0, output
     store = RunStore(tmp_path / "tiny")
     for tid in ids.values():
-        assert store.trial(tid).state()["status"] == "done"
+        assert store.trial(tid).state().status == "done"
         assert steps_of(store, tid) == list(range(1, STEPS + 1))
     assert state_of(queued)["attempts"] == 2
 

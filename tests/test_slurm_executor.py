@@ -20,6 +20,7 @@ from typing import Any
 import polars as pl
 import pytest
 
+import scalestudy
 from scalestudy.cli import main
 from scalestudy.errors import SpecError
 from scalestudy.executors.slurm import (
@@ -31,8 +32,8 @@ from scalestudy.executors.slurm import (
     plan_arrays,
 )
 from scalestudy.expand import expand
-from scalestudy.load import load_study
-from scalestudy.spec import SLURM_PROFILES, ResourcesSpec, SlurmExecutorSpec
+from scalestudy.load import SLURM_PROFILES, load_study, read_slurm_profile
+from scalestudy.spec import ResourcesSpec, SlurmExecutorSpec
 from scalestudy.store import RunStore
 from tests.conftest import tiny_study
 
@@ -87,20 +88,30 @@ def test_the_study_settings_win_over_the_profile(write_study):
 
 @pytest.mark.parametrize("profile", sorted(p.stem for p in SLURM_PROFILES.glob("*.yaml")))
 def test_every_shipped_profile_is_valid(profile):
-    assert SlurmExecutorSpec(profile=profile).profile == profile
+    assert SlurmExecutorSpec.model_validate({**read_slurm_profile(profile), "profile": profile})
+
+
+def test_the_profiles_ship_inside_the_package_and_a_users_folder_is_searched_first(
+        write_study, tmp_path, monkeypatch):
+    assert SLURM_PROFILES.is_relative_to(Path(scalestudy.__file__).parent)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "gpu-a100.yaml").write_text("partition: ours\n")
+    monkeypatch.setenv("SCALESTUDY_SLURM_PROFILES", str(tmp_path / "site"))
+    study = tiny_study(executor={"kind": "slurm", "slurm": {"profile": "gpu-a100"}})
+    assert load_study(write_study(study)).executor.slurm.partition == "ours"
 
 
 def test_a_profile_with_a_typo_names_the_file_and_the_key(write_study, tmp_path):
     (tmp_path / "site.yaml").write_text("partiton: gpu\n")
     study = tiny_study(executor={"slurm": {"profile": str(tmp_path / "site.yaml")}})
 
-    with pytest.raises(SpecError, match=r"executor.slurm: profile .*site.yaml: partiton: Extra"):
+    with pytest.raises(SpecError, match=r"profile .*site.yaml: partiton: Extra"):
         load_study(write_study(study))
 
 
 def test_an_unknown_profile_lists_the_shipped_ones():
-    with pytest.raises(ValueError, match=r"no-such-cluster.*\(cpu, gpu-a100, local\)"):
-        SlurmExecutorSpec(profile="no-such-cluster")
+    with pytest.raises(SpecError, match=r"no-such-cluster.*\(cpu, gpu-a100, local;"):
+        read_slurm_profile("no-such-cluster")
 
 
 def test_a_time_limit_shorter_than_the_checkpoint_signal_is_refused():
@@ -119,7 +130,7 @@ def test_a_preempted_trial_is_requeued_at_most_max_requeues_times(write_study, t
 
     assert again.function.requeues == 1
     assert last is None
-    assert "max_requeues=1" in ts.state()["error"] and ts.state()["status"] == "preempted"
+    assert "max_requeues=1" in ts.state().error and ts.state().status == "preempted"
 
 
 def test_sacct_array_ranges_expand_to_one_id_per_task():
@@ -143,7 +154,7 @@ def submit(study: Path, out: Path, *flags: str) -> None:
 
 def states(run_dir: Path) -> dict[str, dict[str, Any]]:
     store = RunStore(run_dir)
-    return {tid: store.trial(tid).state() for tid in store.trial_ids()}
+    return {tid: store.trial(tid).state().model_dump() for tid in store.trial_ids()}
 
 
 def wait_done(run_dir: Path, timeout_s: float = DEADLINE_S) -> dict[str, dict[str, Any]]:
@@ -158,7 +169,7 @@ def wait_training(run_dir: Path, timeout_s: float = DEADLINE_S) -> dict[str, Any
     (tid,) = store.trial_ids()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        state = store.trial(tid).state()
+        state = store.trial(tid).state().model_dump()
         if state.get("status") == "running" and state.get("step"):
             return state
         if SlurmExecutor().job_states(store, [tid]).get(tid) not in LIVE:
@@ -240,8 +251,10 @@ def test_a_study_larger_than_max_array_size_is_split_into_several_arrays(
 def test_a_trial_that_raises_is_failed_with_its_traceback_while_the_other_finishes(
     cluster, write_study, tmp_path, capsys
 ):
-    # train.device=cuda on a machine without a GPU raises inside the trial.
-    study = write_study(tiny_study("faulty", grid={"train.device": ["cpu", "cuda"]}, **SLURM))
+    # train.device=cuda on a node whose GPUs torch cannot use (the local cluster's are fake)
+    # raises inside the trial.
+    study = write_study(tiny_study("faulty", grid={"train.device": ["cpu", "cuda"]},
+                                   base={"resources": {"gpus": 1}}, **SLURM))
     submit(study, tmp_path)
     run_dir = tmp_path / "faulty"
     store = RunStore(run_dir)

@@ -16,7 +16,7 @@ def train(write_study, tmp_path, loss: dict, name: str):
     trial = expand(load_study(write_study(study, f"{name}.yaml")))[0]
     ts = RunStore(tmp_path / name).add_trial(trial)
     summary = run_trial(str(ts.path))
-    assert ts.state()["status"] == "done"
+    assert ts.state().status == "done"
     return ts, summary
 
 

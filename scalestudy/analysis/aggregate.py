@@ -24,40 +24,13 @@ import numpy as np
 import polars as pl
 
 from scalestudy.errors import StoreError
+from scalestudy.store import ENDS, RESULTS, STEP_SCHEMA, Status, TrialStore, read_parts
 
 SEED_AXIS = "train.seed"
 BATCH_AXIS = "train.batch_size"
 LOSS_AXIS = "loss.kind"
-# Statuses whose trials carry a final result; failed/pending/running/preempted ones do not.
-RESULT_STATUSES = ("done", "diverged")
 # Confidence level of every interval in the report.
 LEVEL = 0.95
-
-# The per-step columns (README "Per-step columns"; the extended monitors add the second block).
-# An explicit schema lets one scan read trials written with and without the extended monitors,
-# and softmax trials whose `bias` column is all-null (parquet type Null).
-STEP_SCHEMA: dict[str, pl.DataType] = {
-    "step": pl.Int64(),
-    "examples_seen": pl.Int64(),
-    "loss": pl.Float64(),
-    "grad_norm": pl.Float64(),
-    "lr": pl.Float64(),
-    "temperature": pl.Float64(),
-    "bias": pl.Float64(),
-    "is_spike": pl.Boolean(),
-    "spike_ratio": pl.Float64(),
-    "is_loss_spike": pl.Boolean(),
-    "loss_spike_ratio": pl.Float64(),
-    "step_time_s": pl.Float64(),
-    "grad_norm_image": pl.Float64(),
-    "grad_norm_text": pl.Float64(),
-    "logit_pos_mean": pl.Float64(),
-    "logit_neg_mean": pl.Float64(),
-    "adam_staleness": pl.Float64(),
-    "update_norm": pl.Float64(),
-    "param_norm": pl.Float64(),
-}
-
 
 def scan_trials(run_dir: str | Path) -> pl.LazyFrame:
     """The per-trial frame of a run directory, lazily (its results.parquet)."""
@@ -77,8 +50,6 @@ def scan_steps(run_dir: str | Path, trial_ids: list[str]) -> pl.LazyFrame:
     parts (running, failed, preempted) is read through the store's own reader, which drops steps
     repeated across parts (a resume interrupted between rewriting and deleting a part).
     """
-    from scalestudy.store import TrialStore, read_parts
-
     trials = Path(run_dir) / "trials"
     single: list[str] = []
     multi: list[pl.LazyFrame] = []
@@ -111,7 +82,7 @@ def _conform(frame: pl.LazyFrame) -> pl.LazyFrame:
 
 def curve_trials(trials: pl.DataFrame, include_diverged: bool = True) -> pl.DataFrame:
     """The trials that enter curves: finished with a result; diverged ones only when included."""
-    statuses = RESULT_STATUSES if include_diverged else ("done",)
+    statuses = RESULTS if include_diverged else {Status.DONE}
     return trials.filter(pl.col("status").is_in(statuses))
 
 
@@ -163,10 +134,8 @@ def status_counts(trials: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     status = pl.col("status")
     return trials.group_by(by).agg(
         pl.len().alias("trials"),
-        (status == "done").sum().alias("done"),
-        (status == "diverged").sum().alias("diverged"),
-        (status == "failed").sum().alias("failed"),
-        (~status.is_in(["done", "diverged", "failed"])).sum().alias("unfinished"),
+        *((status == s).sum().alias(s.value) for s in (Status.DONE, Status.DIVERGED, Status.FAILED)),
+        (~status.is_in(ENDS)).sum().alias("unfinished"),
     ).sort(by, nulls_last=True)
 
 
@@ -205,12 +174,12 @@ def instability(trials: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     Over every trial that trained (done or diverged): instability is the finding, so diverged
     seeds always count here whatever the curves include.
     """
-    ran = trials.filter(pl.col("status").is_in(RESULT_STATUSES))
+    ran = trials.filter(pl.col("status").is_in(RESULTS))
     return ran.group_by(by).agg(
         pl.len().alias("n"),
         pl.col("spike_rate_per_1k").mean().alias("spike_rate_per_1k"),
         pl.col("max_spike_ratio").max().alias("max_spike_ratio"),
-        (pl.col("status") == "diverged").mean().alias("fraction_diverged"),
+        (pl.col("status") == Status.DIVERGED).mean().alias("fraction_diverged"),
     ).sort(by, nulls_last=True)
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
+from scalestudy.errors import NotFittable
+
 MIN_BATCH_SIZES = 4
 ALPHA_MAX = 4.0
 ALPHA_GRID = np.geomspace(0.01, ALPHA_MAX, 200)
@@ -39,10 +41,6 @@ MIN_R2 = 0.5
 # range it is a straight line in log B, and its "asymptote" and saturation point are extrapolations
 # by many orders of magnitude (a 6-doubling sweep at a small budget gave B_sat ≈ 10^300).
 MIN_ALPHA = 0.05
-
-
-class NotFittable(ValueError):
-    """The data cannot support a saturating power-law fit; the message says why and what to add."""
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,14 @@ import polars as pl
 from scalestudy.analysis.aggregate import LEVEL, LOSS_AXIS, Aggregates, bootstrap_means, curve_trials
 from scalestudy.analysis.fits import FitFailure, FitSummary
 from scalestudy.analysis.labels import axis_name, line_label, percent
+from scalestudy.store import RESULTS, Status
 
 
 def counts_line(agg: Aggregates) -> str:
     status = agg.trials["status"]
-    n = {s: int((status == s).sum()) for s in ("done", "diverged", "failed")}
+    n = {s.value: int((status == s).sum()) for s in (Status.DONE, Status.DIVERGED, Status.FAILED)}
     unfinished = agg.trials.height - sum(n.values())
-    parts = [f"{n['done']} done", f"{n['diverged']} diverged", f"{n['failed']} failed"]
+    parts = [f"{count} {name}" for name, count in n.items()]
     if unfinished:
         parts.append(f"{unfinished} not finished (pending, running or preempted)")
     rule = ("diverged seeds are included in the curves (their last evaluation before the bad "
@@ -129,7 +130,7 @@ def instability_lines(agg: Aggregates) -> list[str]:
         lines.append(f"Seeds diverged in {diverged.height} setting(s): {shown}.")
     else:
         lines.append("No seed diverged.")
-    ran = agg.trials.filter(pl.col("status").is_in(["done", "diverged"]))
+    ran = agg.trials.filter(pl.col("status").is_in(RESULTS))
     for axis in (LOSS_AXIS, "optim.beta2"):
         if axis in agg.layout.hue and ran[axis].n_unique() > 1:
             pooled = ran.group_by(axis).agg(pl.col("spike_rate_per_1k").mean()).sort(axis)

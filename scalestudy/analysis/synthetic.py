@@ -19,12 +19,10 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import yaml
 
-from scalestudy.expand import Trial, expand
-from scalestudy.results import write_results
+from scalestudy.expand import axes, expand
 from scalestudy.spec import StudySpec
-from scalestudy.store import RunStore, atomic_write_json, atomic_write_parquet, atomic_write_text
+from scalestudy.store import Manifest, RunStore, Status, Trial, atomic_write_parquet, part_name, write_results
 
 # (y_inf, c, alpha) per loss: sigmoid higher at small batch, both near 0.6 at large (SigLIP Fig. 2).
 TRUTH: dict[str, tuple[float, float, float]] = {
@@ -76,7 +74,7 @@ Outcome = Callable[[Trial], str]
 
 
 def write_synthetic_run(out: str | Path, study: dict[str, Any], steps: int | None = None,
-                        status_of: Outcome = lambda trial: "done", seed: int = 0) -> RunStore:
+                        status_of: Outcome = lambda trial: Status.DONE, seed: int = 0) -> RunStore:
     """Write `study` (a study mapping) as if it had run: every trial finished as `status_of` says.
 
     `steps` fixes every trial's length (default: the trial's own derived steps). A `diverged`
@@ -86,30 +84,32 @@ def write_synthetic_run(out: str | Path, study: dict[str, Any], steps: int | Non
     spec = StudySpec.model_validate(study)
     trials = expand(spec)
     store = RunStore(Path(out) / spec.name)
-    atomic_write_text(store.study_path, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    store.write_study(Manifest(name=spec.name, description=spec.description, axes=axes(spec),
+                               trial_ids=[t.trial_id for t in trials],
+                               study=spec.model_dump(mode="json")))
     rng = np.random.default_rng(seed)
     for trial in trials:
         ts = store.add_trial(trial)
-        status = status_of(trial)
+        status = Status(status_of(trial))
         length = steps or trial.derived.steps
-        stop = length // 2 if status in ("diverged", "failed") else None
+        stop = length // 2 if status in (Status.DIVERGED, Status.FAILED) else None
         metrics = synthetic_steps(trial, length, rng, stop)
-        atomic_write_parquet(ts.metrics_dir / f"{1:09d}-{metrics.height:09d}.parquet", metrics)
+        atomic_write_parquet(ts.metrics_dir / part_name(1, metrics.height), metrics)
         now = time.time()
-        error = {"failed": "RuntimeError: synthetic failure",
-                 "diverged": f"diverged at step {metrics.height}: non-finite loss"}.get(status)
+        error = {Status.FAILED: "RuntimeError: synthetic failure",
+                 Status.DIVERGED: f"diverged at step {metrics.height}: non-finite loss"}.get(status)
         ts.update_state(status=status, attempts=1, started_at=now, finished_at=now,
                         step=metrics.height, error=error)
-        if status == "failed":
+        if status == Status.FAILED:
             continue
         accuracy = true_accuracy(trial.config.loss.kind, trial.config.train.batch_size)
         accuracy += float(rng.normal(0, SEED_NOISE))
         spikes = metrics.filter(pl.col("is_spike"))
-        atomic_write_json(ts.summary_path, {
+        ts.write_summary({
             "steps": length,
             "examples_seen": length * trial.config.train.batch_size,
             "step": metrics.height,
-            "final_loss": None if status == "diverged" else float(metrics["loss"].tail(10).mean()),
+            "final_loss": None if status == Status.DIVERGED else float(metrics["loss"].tail(10).mean()),
             "zeroshot_top1": accuracy,
             "zeroshot_chance": CHANCE,
             "best_zeroshot_top1": accuracy,
@@ -119,7 +119,7 @@ def write_synthetic_run(out: str | Path, study: dict[str, Any], steps: int | Non
             "max_spike_ratio": float(metrics["spike_ratio"].max()),
             "first_spike_step": int(spikes["step"].min()) if spikes.height else None,
             "spike_rate_per_1k": 1000 * spikes.height / metrics.height,
-            "diverged": status == "diverged",
+            "diverged": status == Status.DIVERGED,
             "wall_s": 0.01 * metrics.height,
             "samples_per_s": 100.0 * trial.config.train.batch_size,
         })

@@ -1,6 +1,6 @@
 """What the dashboard shows, read from the results store alone; nothing here writes to it.
 
-- `Dashboard.overview()`: one row per trial (the results.parquet row, `results.trial_row`, for the
+- `Dashboard.overview()`: one row per trial (the results.parquet row, `store.trial_row`, for the
   swept axes and key figures), live spike figures for trials still without a summary, and a
   `problem` for every trial whose files cannot be read, so one broken trial never hides the others.
 - `metrics_after(trial, after)`: per-step rows after a step. Metric parts are named
@@ -27,8 +27,9 @@ import polars as pl
 
 from scalestudy.analysis.aggregate import LEVEL, curve_trials, seed_stats
 from scalestudy.errors import ScalestudyError, StoreError
-from scalestudy.results import study_axes, study_trial_ids, trial_row
-from scalestudy.store import FINAL_STATES, RunStore, TrialStore, read_parts
+from scalestudy.store import (
+    RESULTS, RunStore, Status, TrialStore, file_version, part_range, read_ordered, trial_row,
+)
 
 # What the instability view plots; the run view asks for more by name.
 PLOT_COLUMNS = ("step", "grad_norm", "is_spike", "spike_ratio", "loss", "temperature", "bias",
@@ -46,29 +47,6 @@ MAGIC = b"SSM1"  # the binary metrics format, version 1 (decoded by static/app.j
 
 class NotFound(ScalestudyError):
     """A URL names a trial or file the run directory does not have."""
-
-
-def part_range(part: Path) -> tuple[int, int] | None:
-    """(first, last) step of a metrics part, from its name `<first>-<last>.parquet`; None if unnamed."""
-    try:
-        first, last = (int(x) for x in part.stem.split("-"))
-    except ValueError:
-        return None
-    return first, last
-
-
-def read_ordered(parts: list[Path]) -> pl.DataFrame:
-    """`read_parts`, without its de-duplication when the names already rule duplicates out.
-
-    A trial writes each part's rows in step order and its parts over disjoint, increasing step
-    ranges (a resumed trial first truncates), so then concatenating in name order is the answer;
-    sorting out duplicate steps costs as much as reading, which matters for 20 traces × 10k steps.
-    """
-    ranges = [part_range(p) for p in parts]
-    if None in ranges or any(a[1] >= b[0] for a, b in zip(ranges, ranges[1:])):  # type: ignore[index]
-        return read_parts(parts)
-    frames = [pl.read_parquet(p) for p in parts]
-    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
 
 
 def metrics_after(ts: TrialStore, after: int) -> pl.DataFrame:
@@ -122,7 +100,7 @@ def jsonable(value: Any) -> Any:
 def file_problem(ts: TrialStore) -> str | None:
     """Why the trial's JSON files cannot be read, or None."""
     try:
-        ts.read_trial()
+        ts.config()
         ts.state()
         ts.summary()
     except ScalestudyError as err:
@@ -157,16 +135,6 @@ class LiveSpikes:
         return state
 
 
-def file_version(path: Path) -> tuple[int, int] | None:
-    """(mtime, size) of a file, None when absent: files are atomically replaced, so a change of
-    content is a change of version."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
-
-
 @dataclass
 class StudyInfo:
     axes: list[str]
@@ -175,29 +143,30 @@ class StudyInfo:
 
 
 def read_study(store: RunStore) -> StudyInfo:
-    if not store.study_path.exists():
-        return StudyInfo([], None, f"{store.study_path} does not exist yet: `scalestudy run` "
+    if not (store.manifest_path.exists() or store.study_path.exists()):
+        return StudyInfo([], None, f"{store.manifest_path} does not exist yet: `scalestudy run` "
                          "writes it first; this page fills in when it does")
     try:
-        return StudyInfo(study_axes(store), set(study_trial_ids(store)), None)
+        manifest = store.manifest()
     except ScalestudyError as err:
-        return StudyInfo([], None, f"study.yaml unreadable, trials shown without their axes: {err}")
+        return StudyInfo([], None, f"the run's manifest is unreadable, trials shown without their "
+                         f"axes: {err}")
+    return StudyInfo(manifest.axes, set(manifest.trial_ids), None)
 
 
 class Dashboard:
     """Reads one run directory for the web page; safe to call from several request threads.
 
-    Rows come from `results.trial_row`, as in results.parquet, but are cached per trial by the
-    versions of its JSON files, and the study's expansion by the version of study.yaml: a poll of
-    200 trials then re-reads only the trials that wrote something (expanding a 200-trial study and
-    validating 200 configs takes over a second here, longer than a page may take to draw).
+    Rows come from `store.trial_row`, as in results.parquet, but are cached per trial by the
+    versions of its JSON files, and the manifest by its version: a poll of 200 trials then re-reads
+    only the trials that wrote something.
     """
 
     def __init__(self, root: Path) -> None:
         self.store = RunStore(root)
         self._lock = threading.Lock()
         self._ids: frozenset[str] = frozenset()
-        self._study: tuple[tuple[int, int] | None, StudyInfo] | None = None
+        self._study: tuple[tuple[Any, ...], StudyInfo] | None = None
         self._rows: dict[str, tuple[tuple[Any, ...], dict[str, Any], str | None]] = {}
         self._live: dict[str, LiveSpikes] = {}
         self._evals: dict[str, tuple[tuple[int, int] | None, dict[str, float]]] = {}
@@ -219,7 +188,7 @@ class Dashboard:
         return self.store.trial(trial_id)
 
     def _study_info(self) -> StudyInfo:
-        version = file_version(self.store.study_path)
+        version = (file_version(self.store.manifest_path), file_version(self.store.study_path))
         if self._study is None or self._study[0] != version:
             self._study = (version, read_study(self.store))
         return self._study[1]
@@ -231,7 +200,7 @@ class Dashboard:
         if cached is None or cached[0] != version:
             row = trial_row(ts)
             cached = self._rows[ts.trial_id] = (
-                version, row, file_problem(ts) if row["status"] == "failed" else None)
+                version, row, file_problem(ts) if row["status"] == Status.FAILED else None)
         return cached[1], cached[2]
 
     def _parquet_problem(self, ts: TrialStore) -> str | None:
@@ -260,7 +229,7 @@ class Dashboard:
                 cached, problem = self._row(ts)
                 row = {**cached, "in_study": study.trial_ids is None or trial_id in study.trial_ids}
                 problem = problem or self._parquet_problem(ts) or self._problems.get(trial_id)
-                if problem is None and row["status"] not in FINAL_STATES:
+                if problem is None and row["status"] not in RESULTS:
                     problem = self._live_figures(ts, row)
                 rows.append({**row, "problem": problem})
         return rows, study
@@ -302,8 +271,9 @@ class Dashboard:
         """Config, state, summary and evaluations of one trial; what cannot be read is a problem."""
         ts = self.trial(trial_id)
         out: dict[str, Any] = {"trial_id": trial_id, "problems": []}
-        for name, read in (("trial", lambda: ts.read_trial().model_dump(mode="json")),
-                           ("state", ts.state), ("summary", ts.summary),
+        for name, read in (("trial", ts.config),
+                           ("state", lambda: ts.state().model_dump(mode="json", exclude_none=True)),
+                           ("summary", ts.summary),
                            ("evals", lambda: ts.evals().to_dicts())):
             try:
                 out[name] = read()
@@ -323,9 +293,9 @@ class Dashboard:
         with self._lock:
             self._problems.pop(trial_id, None)
         try:
-            status = ts.state().get("status", "pending")
+            status = ts.state().status.value
         except StoreError:
-            status = "failed"  # as results_frame shows a trial whose state.json is unreadable
+            status = Status.FAILED.value  # as the results frame shows an unreadable state.json
         last = int(frame["step"][-1]) if frame.height else after
         return encode_columns(frame, columns, {"trial_id": trial_id, "after": after,
                                                "last_step": last, "status": status})

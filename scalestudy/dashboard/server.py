@@ -10,12 +10,16 @@ Routes (everything else is 404; any method but GET is 405, so no request can cha
     /api/scaling?x=KEY&y=METRIC&by=KEY  seed-averaged curves (JSON)
 
 A trial id from the URL is looked up in the run directory's trial list and a static name in the
-folder's listing, so no URL can name a path outside RUN_DIR or static/.
+folder's listing, so no URL can name a path outside RUN_DIR or static/. A request whose Host header
+names anything but the address the server is bound to (or this machine's loopback names) is
+refused with 403: a web page elsewhere cannot read the run through a DNS name it rebinds to
+127.0.0.1.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,11 +62,39 @@ def text_param(query: dict[str, list[str]], name: str, default: str) -> str:
     return query.get(name, [default])[0]
 
 
-def make_handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
+def allowed_hosts(bound: str) -> frozenset[str]:
+    """Host names a request may carry for a server bound to `bound`: loopback names, the bound
+    address itself, and for a wildcard bind this machine's own names and addresses."""
+    names = {"localhost", "127.0.0.1", "::1", bound.strip("[]")}
+    if bound in ("0.0.0.0", "::", ""):
+        hostname = socket.gethostname()
+        names |= {hostname, socket.getfqdn()}
+        try:
+            names |= set(socket.gethostbyname_ex(hostname)[2])
+        except OSError:
+            pass
+    return frozenset(n.lower() for n in names)
+
+
+def host_name(header: str | None) -> str | None:
+    """The host part of a Host header (`[::1]:8050` → `::1`, `localhost:8050` → `localhost`)."""
+    if not header:
+        return None
+    host = header.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else None
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def make_handler(dashboard: Dashboard, hosts: frozenset[str]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "scalestudy-dashboard"
 
         def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+            if host_name(self.headers.get("Host")) not in hosts:
+                self._json({"error": f"Host {self.headers.get('Host')!r} is not this dashboard's "
+                            "address; open it by the address it printed"}, HTTPStatus.FORBIDDEN)
+                return
             url = urlsplit(self.path)
             parts = [unquote(p) for p in url.path.split("/") if p]
             query = parse_qs(url.query)
@@ -142,7 +174,7 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8050) 
     # (a 200-trial run takes seconds to read cold, well under a second warm).
     dashboard.rows()
     try:
-        server = ThreadingHTTPServer((host, port), make_handler(dashboard))
+        server = ThreadingHTTPServer((host, port), make_handler(dashboard, allowed_hosts(host)))
     except OSError as err:
         raise UsageError(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port "
                          "(0 picks a free one) or --host") from None

@@ -1,12 +1,14 @@
-"""The one small interface every backend implements."""
+"""The one small interface every backend implements, and the watch loop they share."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from scalestudy.expand import Trial
+from scalestudy.progress import Progress
 from scalestudy.spec import StudySpec
-from scalestudy.store import RunStore
+from scalestudy.store import Rows, RunStore, Trial
 
 
 class Executor(Protocol):
@@ -44,3 +46,30 @@ class BatchExecutor(Executor, Protocol):
     def cancel(self, store: RunStore, trial_ids: list[str]) -> list[str]:
         """Cancel the queued or running jobs of `trial_ids`; returns the trials cancelled."""
         ...
+
+
+def watch(store: RunStore, trial_ids: list[str], poll: Callable[[], tuple[int, int]],
+          interval_s: float, timeout_s: float | None = None) -> None:
+    """The executors' shared loop: `poll()` advances the backend and returns (trials that settled
+    since the last call, trials still left); results.parquet is rewritten when some settled,
+    progress is shown every tick, and the loop returns when none is left.
+
+    `interval_s` is the sleep between polls (0 when `poll` itself waits, as `ray.wait` does).
+    TimeoutError after `timeout_s`.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    rows = Rows(store)
+    progress = Progress(store, trial_ids)
+    try:
+        while True:
+            settled, left = poll()
+            if settled:
+                rows.write()
+            progress.tick()
+            if not left:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{left} trials still queued or running after {timeout_s:.0f} s")
+            time.sleep(interval_s)
+    finally:
+        progress.close()

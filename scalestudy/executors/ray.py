@@ -7,15 +7,15 @@ become the task's `num_cpus` and `num_gpus`, so Ray packs trials onto the nodes 
 Why the task starts the trial as a subprocess instead of calling `run_trial` in the Ray worker:
 - Ray reuses workers across tasks and torch reads OMP_NUM_THREADS only at its first import, so
   thread pools leak between trials with different CPU counts; two 2-thread trials on 2 cores ran
-  about 10× slower (../shared/notes/ray-and-torch-on-these-machines.md §3). A fresh process gets
-  exactly the CPUs Ray assigned to the task, as OMP_NUM_THREADS and through the trial's own
-  `torch.set_num_threads(resources.cpus)`.
+  about 10× slower (measured with Ray 2.60 on a 2-core machine: 49–65 s instead of 5.5 s). A fresh
+  process gets exactly the CPUs Ray assigned to the task, as OMP_NUM_THREADS and through the
+  trial's own `torch.set_num_threads(resources.cpus)`.
 - SIGTERM → checkpoint → `preempted` is the trial's own signal handling, which needs the main
   thread of its own process; the same code path as the local executor, so a trial behaves the
   same on both. A trial that crashes its interpreter takes only its own process down.
 - The price, one Python + torch import per trial, is what the local executor pays as well.
 
-Faults (notes §4): a trial that raises records `failed` itself and is not retried; a dead Ray
+Faults: a trial that raises records `failed` itself and is not retried; a dead Ray
 worker, or a trial process killed by a signal, is retried `executor.ray.max_retries` times (the
 trial resumes from its checkpoint) and then `failed` with the reason. Ctrl-C cancels the tasks:
 queued trials stay `pending`, running ones checkpoint and become `preempted`.
@@ -23,13 +23,11 @@ queued trials stay `pending`, running ones checkpoint and become `preempted`.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -40,29 +38,15 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError, TaskCancelledError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from scalestudy.errors import UsageError
-from scalestudy.executors.local import GRACE_S
-from scalestudy.expand import Trial
-from scalestudy.progress import Progress
-from scalestudy.results import write_results
+from scalestudy.errors import RayClusterError, SchedulerError, TrialKilled
+from scalestudy.executors import process
+from scalestudy.executors.base import watch
 from scalestudy.spec import RayExecutorSpec, StudySpec
-from scalestudy.store import RunStore, TrialStore, atomic_write_text
+from scalestudy.store import Rows, RunStore, Status, Trial, TrialStore, atomic_write_text
 
 POLL_S = 0.5
 # A node that cannot answer a trivial task in this long is not one trials can run on either.
 PROBE_TIMEOUT_S = 60.0
-EXIT_FAILED, EXIT_PREEMPTED = 1, 3  # scalestudy.trial's exit statuses
-
-
-class RayClusterError(UsageError):
-    """The Ray cluster cannot run this study as it is (auth, resources, storage, software)."""
-
-
-class TrialKilled(Exception):
-    """The trial process was stopped from outside (a signal, the OOM killer, a node draining).
-
-    Raised inside the task so that Ray retries it like a dead worker (`retry_exceptions`).
-    """
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,54 +63,26 @@ def run_trial_process(trial_dir: str) -> int:
     cpus = int(context.get_assigned_resources().get("CPU", 1))
     trial = TrialStore(Path(trial_dir))
     trial.update_state(ray_task_id=context.get_task_id(), ray_node_id=context.get_node_id())
-    # Explicit, because Ray does not override an OMP_NUM_THREADS the driver already had (§3);
+    # Explicit, because Ray does not override an OMP_NUM_THREADS the driver already had;
     # CUDA_VISIBLE_DEVICES, which Ray set for this task's GPUs, is inherited from os.environ.
     env = dict(os.environ, OMP_NUM_THREADS=str(cpus))
-    with open(trial.log_path, "ab") as log:
-        # A session of its own: the child's signals come from this task only.
-        child = subprocess.Popen(
-            [sys.executable, "-m", "scalestudy.trial", trial_dir, "--backend", "ray"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            preexec_fn=die_with_worker,
-        )
+    # A session of its own: the child's signals come from this task only. SIGKILL when the worker
+    # dies: Ray may already retry the trial elsewhere, so it must not go on writing.
+    child = process.start_trial(trial_dir, "ray", env, trial.log_path, signal.SIGKILL,
+                                new_session=True)
     try:
         # Short sleeps, not one blocking wait: Ray's cancel interrupts Python code only between
-        # bytecodes, so a blocking wait would hold Ctrl-C until the trial ended (§4).
+        # bytecodes, so a blocking wait would hold Ctrl-C until the trial ended.
         while child.poll() is None:
             time.sleep(0.2)
     except KeyboardInterrupt:
-        stop_child(child)
+        process.stop(child)
         raise
-    if child.returncode < 0 or child.returncode == EXIT_PREEMPTED:
-        how = (f"signal {signal.Signals(-child.returncode).name}" if child.returncode < 0
-               else "SIGTERM (it checkpointed)")
+    if child.returncode < 0 or child.returncode == process.EXIT_PREEMPTED:
+        how = process.killed_by(child.returncode) or "SIGTERM (it checkpointed)"
         raise TrialKilled(f"trial process {child.pid} on {socket.gethostname()} was stopped by "
                           f"{how}; log: {trial.log_path}")
     return child.returncode
-
-
-def die_with_worker() -> None:
-    """Linux: the trial is SIGKILLed the moment its Ray worker dies.
-
-    Not SIGTERM (a last checkpoint, as the local executor does): a trial still saving while Ray
-    already retries it elsewhere, or while the driver records the failure, would be a second
-    writer of the same trial directory. The retry resumes from the last periodic checkpoint, as
-    it must anyway when a whole node is lost.
-    """
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def stop_child(child: subprocess.Popen[bytes]) -> None:
-    """SIGTERM: the trial saves a checkpoint and exits as `preempted`; killed after GRACE_S."""
-    child.send_signal(signal.SIGTERM)
-    try:
-        child.wait(GRACE_S)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
 
 
 def probe_node(run_dir: str, token: str) -> dict[str, Any]:
@@ -153,12 +109,12 @@ def init_kwargs(spec: RayExecutorSpec) -> dict[str, Any]:
     """Arguments of `ray.init` for the configured address."""
     if spec.address == "local":
         # address="local" always starts a private Ray: a bare ray.init() would silently join any
-        # cluster `ray start` left running on this machine (§5). No dashboard: it costs ~1 GiB.
+        # cluster `ray start` left running on this machine . No dashboard: it costs ~1 GiB.
         return {"address": "local", "num_cpus": spec.num_cpus, "include_dashboard": False,
                 "log_to_driver": False}
     if spec.address != "auto" and not os.environ.get("RAY_AUTH_MODE"):
         # Ray 2.60 leaves auth off for an explicit address unless told, and a cluster started
-        # with token auth then fails after 20 s with a bare ConnectionError (§5).
+        # with token auth then fails after 20 s with a bare ConnectionError .
         raise RayClusterError(
             f"executor.ray.address={spec.address}: set RAY_AUTH_MODE to the cluster's auth mode "
             "first: RAY_AUTH_MODE=token (the token comes from ~/.ray/auth_token or RAY_AUTH_TOKEN) "
@@ -215,7 +171,7 @@ def check_shared_storage(run_dir: Path) -> None:
     try:
         answers = dict(zip(refs, ray.get(list(refs.values()), timeout=PROBE_TIMEOUT_S)))
     except GetTimeoutError:
-        raise RayClusterError(
+        raise SchedulerError(
             f"Ray nodes {', '.join(refs)} did not answer a trivial task within "
             f"{PROBE_TIMEOUT_S:.0f} s; check `ray status` on the cluster"
         ) from None
@@ -243,34 +199,35 @@ def storage_problem(address: str, answer: dict[str, Any], run_dir: Path) -> str 
 
 
 def settled_state(
-    outcome: int | BaseException, status: str, max_retries: int
+    outcome: int | BaseException, status: Status | str, max_retries: int
 ) -> dict[str, Any] | None:
     """The state.json fields a finished task implies, or None when the trial's own record is true.
 
     `outcome` is the task's return value (the trial's exit status) or what `ray.get` raised;
     `status` is what state.json says now.
     """
+    status = Status(status)
     if isinstance(outcome, (TaskCancelledError, GetTimeoutError)):
         # Cancelled (GetTimeoutError: still stopping when we gave up waiting): a queued task never
         # started (still `pending`); a running one stopped at, or resumes from, a checkpoint.
-        if status != "running":
+        if status != Status.RUNNING:
             return None
-        return {"status": "preempted", "error": "stopped with the study; resumes from its last "
-                "checkpoint"}
-    if status in ("done", "diverged"):
+        return {"status": Status.PREEMPTED, "error": "stopped with the study; resumes from its "
+                "last checkpoint"}
+    if status.is_result:
         return None
     tries = f"{max_retries + 1} attempt(s) (executor.ray.max_retries={max_retries})"
     if isinstance(outcome, RayTaskError) and isinstance(outcome.cause, TrialKilled):
-        return {"status": "failed", "error": f"{outcome.cause}; gave up after {tries}"}
+        return {"status": Status.FAILED, "error": f"{outcome.cause}; gave up after {tries}"}
     if isinstance(outcome, RayError):
         # WorkerCrashedError, NodeDiedError, …: the trial's process went with its worker.
         reason = str(outcome).strip().splitlines()[0]
-        return {"status": "failed", "error": f"Ray worker died: {reason}; gave up after {tries}"}
+        return {"status": Status.FAILED, "error": f"Ray worker died: {reason}; gave up after {tries}"}
     if isinstance(outcome, BaseException):
         raise outcome
-    if outcome != 0 and status != "failed":
+    if outcome != process.EXIT_OK and status != Status.FAILED:
         # The trial could not even record its failure (e.g. scalestudy not importable).
-        return {"status": "failed", "error": f"trial process exited with status {outcome} "
+        return {"status": Status.FAILED, "error": f"trial process exited with status {outcome} "
                 "without recording a result; see log.txt"}
     return None
 
@@ -286,7 +243,7 @@ class RayExecutor:
         except Exception as err:  # noqa: BLE001 - Ray raises bare Exception (30 s start-up limit)
             what = ("start a private Ray" if spec.address == "local"
                     else f"join the Ray cluster at {spec.address}")
-            raise RayClusterError(f"could not {what}: {err}") from err
+            raise SchedulerError(f"could not {what}: {err}") from err
         try:
             run_dir = store.root.resolve()
             check_fits(trials, alive_nodes(), autoscaling=spec.address != "local")
@@ -294,7 +251,7 @@ class RayExecutor:
             self._run(store, run_dir, trials, spec)
         finally:
             # Disconnects from a joined cluster; stops the private one (never `ray stop`, which
-            # would stop every Ray on the machine, §5).
+            # would stop every Ray cluster of the user on the machine).
             ray.shutdown()
 
     def _run(self, store: RunStore, run_dir: Path, trials: list[Trial],
@@ -309,31 +266,30 @@ class RayExecutor:
             for t in trials
         }
         pending = list(refs)
-        progress = Progress(store, [t.trial_id for t in trials])
+
+        def poll() -> tuple[int, int]:
+            # ray.wait is the loop's sleep: it returns as soon as a task ends, or after POLL_S.
+            ready, _ = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+            for ref in ready:
+                self._settle(store, refs[ref], ref, spec.max_retries)
+                pending.remove(ref)  # only once settled: an interrupt settles the rest
+            return len(ready), len(pending)
+
         try:
-            while pending:
-                ready, _ = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
-                for ref in ready:
-                    self._settle(store, refs[ref], ref, spec.max_retries)
-                    pending.remove(ref)  # only once settled: an interrupt settles the rest
-                if ready:
-                    write_results(store)
-                progress.tick()
+            watch(store, [t.trial_id for t in trials], poll, interval_s=0)
         except BaseException:
             # Ctrl-C (or SIGTERM, which ray.init turns into SystemExit): stop the study's work.
             self._cancel(store, {ref: refs[ref] for ref in pending}, spec.max_retries)
             raise
-        finally:
-            progress.close()
 
     @staticmethod
     def _settle(store: RunStore, trial_id: str, ref: ray.ObjectRef, max_retries: int) -> None:
         try:
-            outcome: int | BaseException = ray.get(ref, timeout=GRACE_S)
+            outcome: int | BaseException = ray.get(ref, timeout=process.GRACE_S)
         except RayError as err:
             outcome = err
         trial = store.trial(trial_id)
-        fields = settled_state(outcome, trial.state().get("status", "pending"), max_retries)
+        fields = settled_state(outcome, trial.state().status, max_retries)
         if fields:
             trial.update_state(**fields)
 
@@ -341,9 +297,9 @@ class RayExecutor:
         """Queued tasks are dropped (their trials stay `pending`); running ones checkpoint."""
         for ref in pending:
             ray.cancel(ref)
-        _, left = ray.wait(list(pending), num_returns=len(pending), timeout=GRACE_S + 5)
+        _, left = ray.wait(list(pending), num_returns=len(pending), timeout=process.GRACE_S + 5)
         for ref in left:
             ray.cancel(ref, force=True)
         for ref, trial_id in pending.items():
             self._settle(store, trial_id, ref, max_retries)
-        write_results(store)
+        Rows(store).write()

@@ -19,7 +19,6 @@ Every task runs the one trial entry point, `run_trial(trial_dir, backend="slurm"
 
 submitit's folder is RUN_DIR/slurm: the sbatch script of each array (`<array id>_submission.sh`) and
 one log per task (`<job id>_<rank>_log.out`, stdout and stderr together) are readable there.
-The measured facts behind these choices: ../shared/notes/slurm-on-one-machine.md.
 """
 
 from __future__ import annotations
@@ -40,12 +39,10 @@ from typing import Any
 
 import submitit
 
-from scalestudy.errors import SpecError, UsageError
-from scalestudy.expand import Trial
-from scalestudy.progress import Progress
-from scalestudy.results import write_results
+from scalestudy.errors import SchedulerError, SpecError
+from scalestudy.executors.base import watch
 from scalestudy.spec import ResourcesSpec, SlurmExecutorSpec, StudySpec
-from scalestudy.store import RunStore, TrialStore
+from scalestudy.store import ENDS, RunStore, Status, Trial, TrialStore
 
 SLURM_DIR = "slurm"
 # Slurm's own default when slurm.conf sets no MaxArraySize (indices 0..1000).
@@ -66,7 +63,6 @@ ENDED = frozenset({
 UNKNOWN = "UNKNOWN"  # gone from squeue, and sacct has no row yet (slurmdbd records a moment later)
 # Ended this way, the trial lost only the steps since its last checkpoint: resumable, not failed.
 RESUMABLE_ENDS = frozenset({"TIMEOUT", "PREEMPTED", "NODE_FAIL"})
-TRIAL_ENDS = frozenset({"done", "diverged", "failed"})
 
 # `wait` reads the store every WAIT_TICK_S (trials record their own ends) and asks Slurm only every
 # SLURM_POLL_S, about jobs that may have died without a word: gentle on a shared scheduler.
@@ -202,12 +198,12 @@ def slurm_command(args: list[str]) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
     except FileNotFoundError:
-        raise UsageError(
+        raise SchedulerError(
             f"`{args[0]}` is not on PATH: run on a Slurm login node (to try Slurm on this "
             "machine: bash cluster/slurm/slurm-local.sh start)"
         ) from None
     except subprocess.TimeoutExpired:
-        raise UsageError(
+        raise SchedulerError(
             f"`{' '.join(args)}` did not answer in {COMMAND_TIMEOUT_S:.0f} s; is slurmctld up?"
         ) from None
 
@@ -215,7 +211,7 @@ def slurm_command(args: list[str]) -> subprocess.CompletedProcess[str]:
 def checked(args: list[str]) -> str:
     proc = slurm_command(args)
     if proc.returncode != 0:
-        raise UsageError(f"`{' '.join(args)}` failed: {(proc.stderr or proc.stdout).strip()}")
+        raise SchedulerError(f"`{' '.join(args)}` failed: {(proc.stderr or proc.stdout).strip()}")
     return proc.stdout
 
 
@@ -223,7 +219,7 @@ def cluster_max_array_size() -> int | None:
     """MaxArraySize from `scontrol show config`, or None when no cluster answers."""
     try:
         proc = slurm_command(["scontrol", "show", "config"])
-    except UsageError:
+    except SchedulerError:
         return None
     if proc.returncode != 0:
         return None
@@ -251,7 +247,7 @@ def query_job_states(job_ids: list[str]) -> dict[str, str]:
     proc = slurm_command(squeue)
     # slurmctld forgets ended jobs after MinJobAge; asking only about those is an "error".
     if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
-        raise UsageError(f"`{' '.join(squeue)}` failed: {proc.stderr.strip()}")
+        raise SchedulerError(f"`{' '.join(squeue)}` failed: {proc.stderr.strip()}")
     states = dict(line.split("|", 1) for line in proc.stdout.split()) if proc.returncode == 0 else {}
     missing = [job for job in job_ids if job not in states]
     if missing:
@@ -291,7 +287,8 @@ class TrialJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         # Imported here, on the compute node: plan, status and cancel never need torch.
-        from scalestudy.train.loop import Preempted, run_trial
+        from scalestudy.errors import Preempted
+        from scalestudy.train.loop import run_trial
 
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
@@ -303,11 +300,11 @@ class TrialJob(submitit.helpers.Checkpointable):
             )
         ts = TrialStore(self.trial_dir)
         state = ts.state()
-        if state.get("status") in ("done", "diverged"):
-            return str(state["status"])  # a job requeued after its trial finished: nothing to do
+        if state.status.is_result:
+            return state.status.value  # a job requeued after its trial finished: nothing to do
         print(
-            f"scalestudy: trial {ts.trial_id} attempt {int(state.get('attempts', 0)) + 1} (last "
-            f"recorded step {state.get('step') or 0}), Slurm job {env.job_id} rank "
+            f"scalestudy: trial {ts.trial_id} attempt {state.attempts + 1} (last "
+            f"recorded step {state.step or 0}), Slurm job {env.job_id} rank "
             f"{env.global_rank}/{env.num_tasks} "
             f"on {socket.gethostname()}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}",
             flush=True,
@@ -331,9 +328,9 @@ class TrialJob(submitit.helpers.Checkpointable):
         signal.signal(getattr(signal, f"SIG{env.USR_SIG}"), signal.SIG_IGN)
         if outcome:
             if isinstance(outcome[0], Preempted) and env.global_rank != 0:
-                return "preempted"  # rank 0 decides about the requeue
+                return Status.PREEMPTED.value  # rank 0 decides about the requeue
             raise outcome[0]
-        return str(ts.state().get("status"))
+        return ts.state().status.value
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
         """USR2 on rank 0: let the trial finish its step and save a checkpoint, then requeue."""
@@ -341,7 +338,7 @@ class TrialJob(submitit.helpers.Checkpointable):
             self._stop.set()
             self._worker.join()
         ts = TrialStore(self.trial_dir)
-        if ts.state().get("status") != "preempted":
+        if ts.state().status != Status.PREEMPTED:
             return None  # it ended by itself meanwhile (done, diverged, failed): nothing to resume
         if self.requeues >= self.max_requeues:
             ts.update_state(
@@ -361,27 +358,27 @@ def _settle(ts: TrialStore, job_state: str) -> None:
     """Record the end of a trial whose job ended before the trial could record it (killed by
     scancel, the time limit, the OOM killer, a node failure)."""
     state = ts.state()
-    if state.get("status") not in ("pending", "running") or job_state not in ENDED:
+    if state.status not in (Status.PENDING, Status.RUNNING) or job_state not in ENDED:
         return
-    job, log = state.get("job_id"), state.get("log")
+    job, log = state.job_id, state.log
     if job_state == "CANCELLED":
         _mark_cancelled(ts)
     elif job_state in RESUMABLE_ENDS:
-        ts.update_state(status="preempted", slurm_state=job_state, error=(
+        ts.update_state(status=Status.PREEMPTED, slurm_state=job_state, error=(
             f"Slurm job {job} ended {job_state}; `scalestudy run` resumes it from its last "
             f"checkpoint (log: {log})"))
     else:
-        ts.update_state(status="failed", slurm_state=job_state, finished_at=time.time(), error=(
+        ts.update_state(status=Status.FAILED, slurm_state=job_state, finished_at=time.time(), error=(
             f"Slurm job {job} ended {job_state} before the trial recorded its end; see its log: "
             f"{log}\n{_tail(log)}"))
 
 
 def _mark_cancelled(ts: TrialStore) -> None:
     state = ts.state()
-    resume = f"its checkpoint at step {state['step']}" if state.get("step") else "the start"
-    ts.update_state(status="failed", slurm_state="CANCELLED", finished_at=time.time(), error=(
-        f"cancelled (Slurm job {state.get('job_id')}); `scalestudy run --retry-failed` resumes it "
-        f"from {resume} (log: {state.get('log')})"))
+    resume = f"its checkpoint at step {state.step}" if state.step else "the start"
+    ts.update_state(status=Status.FAILED, slurm_state="CANCELLED", finished_at=time.time(), error=(
+        f"cancelled (Slurm job {state.job_id}); `scalestudy run --retry-failed` resumes it "
+        f"from {resume} (log: {state.log})"))
 
 
 def _tail(log: str | None, lines: int = 20) -> str:
@@ -404,7 +401,7 @@ class SlurmExecutor:
             print(f"{len(queued)} trials already queued or running in Slurm, not submitted again")
         limit = cluster_max_array_size()
         if limit is None:
-            raise UsageError("no Slurm cluster answers `scontrol show config`; run on a login "
+            raise SchedulerError("no Slurm cluster answers `scontrol show config`; run on a login "
                              "node (locally: bash cluster/slurm/slurm-local.sh start)")
         arrays = plan_arrays(todo, settings, limit)
         submitted = [self._submit(store, array, settings, study.name) for array in arrays]
@@ -422,7 +419,7 @@ class SlurmExecutor:
                 python=settings.python,
             )
         except RuntimeError as err:  # no srun on PATH
-            raise UsageError(f"{err}; run on a Slurm login node") from None
+            raise SchedulerError(f"{err}; run on a Slurm login node") from None
         parameters = dict(array.parameters, job_name=f"scalestudy-{study_name}")
         # Held until every trial's state.json names its job: a task that started earlier would
         # have its `running` overwritten by the `pending` written here.
@@ -434,12 +431,12 @@ class SlurmExecutor:
         try:
             jobs = executor.submit_array(trial_jobs)
         except (submitit.core.utils.FailedSubmissionError, submitit.core.utils.FailedJobError) as err:
-            raise UsageError(f"sbatch refused {len(trial_jobs)} trials: {err}") from None
+            raise SchedulerError(f"sbatch refused {len(trial_jobs)} trials: {err}") from None
         array_id = jobs[0].job_id.split("_")[0]
         try:
             for trial, job in zip(array.trials, jobs):
                 store.trial(trial.trial_id).update_state(
-                    status="pending", backend=self.name, job_id=job.job_id,
+                    status=Status.PENDING, backend=self.name, job_id=job.job_id,
                     log=str(job.paths.stdout), sbatch_script=str(job.paths.submission_file),
                     submitted_at=time.time(), error=None,
                 )
@@ -451,8 +448,8 @@ class SlurmExecutor:
         jobs = {}
         for tid in trial_ids:
             state = store.trial(tid).state()
-            if state.get("backend") == self.name and state.get("job_id"):
-                jobs[tid] = str(state["job_id"])
+            if state.backend == self.name and state.job_id:
+                jobs[tid] = str(state.job_id)
         if not jobs:
             return {}
         states = query_job_states(list(jobs.values()))
@@ -462,40 +459,32 @@ class SlurmExecutor:
 
     def wait(self, store: RunStore, trial_ids: list[str], timeout_s: float | None = None) -> None:
         """Block until none of `trial_ids` has a job queued or running; Ctrl-C only stops waiting."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        progress = Progress(store, trial_ids)
         jobs: dict[str, str] = {}
-        polled, finished = 0.0, -1
+        polled, ended = 0.0, -1
+
+        def poll() -> tuple[int, int]:
+            # The store every WAIT_TICK_S (trials record their own ends), Slurm every SLURM_POLL_S.
+            nonlocal jobs, polled, ended
+            if time.monotonic() - polled >= SLURM_POLL_S:
+                jobs, polled = self.job_states(store, trial_ids), time.monotonic()
+            waiting = [tid for tid in trial_ids if store.trial(tid).state().status not in ENDS
+                       and jobs.get(tid) in LIVE | {UNKNOWN}]
+            settled = len(trial_ids) - len(waiting) - ended
+            ended = len(trial_ids) - len(waiting)
+            return settled, len(waiting)
+
         try:
-            while True:
-                if time.monotonic() - polled >= SLURM_POLL_S:
-                    jobs, polled = self.job_states(store, trial_ids), time.monotonic()
-                statuses = {tid: store.trial(tid).state().get("status") for tid in trial_ids}
-                waiting = [tid for tid in trial_ids
-                           if statuses[tid] not in TRIAL_ENDS and jobs.get(tid) in LIVE | {UNKNOWN}]
-                ended = len(trial_ids) - len(waiting)
-                if ended != finished:  # results.parquet follows the study as trials end
-                    write_results(store)
-                    finished = ended
-                progress.tick()
-                if not waiting:
-                    return
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(waiting)} trials still queued or running in Slurm "
-                                       f"after {timeout_s:.0f} s: {', '.join(waiting)}")
-                time.sleep(WAIT_TICK_S)
+            watch(store, trial_ids, poll, WAIT_TICK_S, timeout_s)
         except KeyboardInterrupt:
             print(f"\nstopped waiting; the jobs keep running in Slurm (scalestudy status "
                   f"{store.root}; scalestudy cancel {store.root})", file=sys.stderr)
-        finally:
-            progress.close()
 
     def cancel(self, store: RunStore, trial_ids: list[str]) -> list[str]:
         jobs = self.job_states(store, trial_ids)
         live = [tid for tid in trial_ids if jobs.get(tid) in LIVE]
         if not live:
             return []
-        job_ids = [str(store.trial(tid).state()["job_id"]) for tid in live]
+        job_ids = [str(store.trial(tid).state().job_id) for tid in live]
         checked(["scancel", *job_ids])
         # Trials checkpoint on SIGTERM; mark them once their tasks are gone, so no dying task's
         # last write lands after ours.
@@ -505,6 +494,6 @@ class SlurmExecutor:
         ):
             time.sleep(1.0)
         for tid in live:
-            if store.trial(tid).state().get("status") in ("pending", "running", "preempted"):
+            if store.trial(tid).state().status in (Status.PENDING, Status.RUNNING, Status.PREEMPTED):
                 _mark_cancelled(store.trial(tid))
         return live

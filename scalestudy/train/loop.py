@@ -6,51 +6,54 @@ global batch s of the seed's stream (examples_seen = s × batch_size) and the ru
 derived.steps = ceil(train.examples_seen / batch_size). With W data-parallel ranks each rank takes
 rows [r·B/W, (r+1)·B/W) of that same global batch and the loss is computed over all B pairs, so
 the trial trains the same model as on one process.
+
+The parts: `Trainer.build` sets up (model, optimizer, monitors, data), `Trainer.step` is one
+optimisation step that leaves its metrics on the device, `train` is the thin loop that flushes them
+to the sinks (scalestudy.sinks) at a cadence, evaluates and checkpoints when due, and stops on a
+signal or at the first non-finite step.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import signal
 import threading
 import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from scalestudy.errors import DivergedError
-from scalestudy.expand import Trial
+from scalestudy.errors import DivergedError, Preempted
 from scalestudy.losses import sigmoid_loss, softmax_loss
-from scalestudy.store import TrialStore, atomic_write_json
+from scalestudy.sinks import EVAL, SUMMARY, MetricsSink, Sinks
+from scalestudy.store import Status, Trial, TrialStore
+from scalestudy.store.sink import StoreSink
 from scalestudy.train import ranks as rk
 from scalestudy.train.data import HashTokenizer, make_dataset
 from scalestudy.train.evaluate import evaluate
 from scalestudy.train.models import TwoTower
 from scalestudy.train.monitors import SpikeDetector, UpdateNorm, adam_staleness, logit_means, norm
 from scalestudy.train.optim import lr_at, make_optimizer
+from scalestudy.train.recorder import StepRecorder
 from scalestudy.train.summary import summarize
 
-# Metric rows reach disk at least this often, so status and the dashboard see live progress.
+# A single-process trial brings its metrics to the host (and so to status and the dashboard) at
+# least this often.
 FLUSH_EVERY_S = 2.0
-
-
-class Preempted(Exception):
-    """SIGTERM/SIGINT arrived: the trial checkpoints where it is and stops as `preempted`."""
+# Data-parallel ranks must take every collective decision at the same step, so they flush, and
+# agree on stop signals, every this many steps (a time-based cadence would differ between ranks).
+RANKS_CHECK_EVERY = 16
 
 
 def is_due(step: int, every: int, total: int) -> bool:
     """Whether a periodic action (eval, checkpoint) runs after `step`; always after the last."""
     return step == total or (every > 0 and step % every == 0)
-
-
-def grad_norm(params: list[torch.nn.Parameter]) -> float:
-    return norm([p.grad for p in params if p.grad is not None])
 
 
 @contextmanager
@@ -117,15 +120,16 @@ def run_trial(trial_dir: str, backend: str = "local", stop: threading.Event | No
             if scheduled is None and world > 1:
                 body = functools.partial(_rank_entry, trial_dir)
                 with rk.local_children(world, body) as init_method:
-                    return _train(store, trial, stop, rk.Ranks(0, world, 0), init_method)
+                    return _train(store, trial, stop, rk.Ranks(0, world, 0, world, spawned=True),
+                                  init_method)
             return _train(store, trial, stop, ranks, "env://")
     except Preempted:
         if ranks.leader:
-            store.update_state(status="preempted")
+            store.update_state(status=Status.PREEMPTED)
         raise
     except Exception:
         if ranks.leader:
-            store.update_state(status="failed", error=traceback.format_exc(),
+            store.update_state(status=Status.FAILED, error=traceback.format_exc(),
                                finished_at=time.time())
         raise
 
@@ -144,191 +148,240 @@ def _rank_entry(trial_dir: str, ranks: rk.Ranks, init_method: str) -> None:
 def _train(
     store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Ranks, init_method: str,
 ) -> dict[str, Any] | None:
-    cfg, derived = trial.config, trial.derived
+    cfg = trial.config
     torch.set_num_threads(max(1, cfg.resources.cpus // ranks.world))
-    device = ranks.device(cfg.resources.gpus, cfg.train.device)
-    distributed = ranks.world > 1
-    if distributed:
+    device = rk.device_for(cfg.resources.gpus, cfg.train.device, ranks)
+    if ranks.world > 1:
         rk.join(ranks, device, init_method)
     try:
-        return _loop(store, trial, stop, ranks, device)
+        return train(store, trial, stop, ranks, device)
     finally:
-        if distributed:
+        if ranks.world > 1:
             dist.destroy_process_group()
 
 
-def _loop(
-    store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Ranks, device: torch.device,
-) -> dict[str, Any] | None:
-    cfg, derived = trial.config, trial.derived
-    leader, distributed = ranks.leader, ranks.world > 1
-    attempt_start = time.time()
+@dataclass
+class Trainer:
+    """Everything one trial trains with, and its step."""
 
-    torch.manual_seed(cfg.train.seed)  # the same init on every rank
-    model = TwoTower(
-        cfg.model,
-        cfg.data.image_size,
-        derived.temperature_init,
-        derived.bias_init,
-        cfg.loss.learn_temperature,
-        cfg.loss.max_temperature,
-    ).to(device)
-    # DDP averages gradients over ranks; the distributed losses are written for that convention.
-    forward = DistributedDataParallel(model) if distributed else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    tower_params = {
-        name: [p for p in getattr(model, name).parameters() if p.requires_grad]
-        for name in ("image", "text")
-    }
-    optimizer = make_optimizer(model, cfg.optim, derived.lr)
-    spikes = SpikeDetector(cfg.monitor.spike_threshold, cfg.monitor.spike_window)
-    loss_spikes = SpikeDetector(cfg.monitor.spike_threshold, cfg.monitor.spike_window)
-    updates = UpdateNorm(params)
-    tokenizer = HashTokenizer(cfg.model.vocab_size, cfg.model.context_length)
-    dataset = make_dataset(cfg.data, cfg.train.seed)
-    eval_batch = dataset.eval_set() if leader else None
+    trial: Trial
+    ranks: rk.Ranks
+    device: torch.device
+    model: TwoTower
+    forward: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    tower_params: dict[str, list[torch.nn.Parameter]]
+    spikes: SpikeDetector
+    loss_spikes: SpikeDetector
+    updates: UpdateNorm
+    tokenizer: HashTokenizer
+    dataset: Any
+    local: slice
+    # Sticky on the device: False from the first non-finite step on, which gates every later
+    # optimizer update off without a host sync (`optimizer.found_inf`).
+    healthy: torch.Tensor
+
+    @classmethod
+    def build(cls, trial: Trial, ranks: rk.Ranks, device: torch.device) -> Trainer:
+        cfg, derived = trial.config, trial.derived
+        torch.manual_seed(cfg.train.seed)  # the same init on every rank
+        model = TwoTower(cfg.model, cfg.data.image_size, derived.temperature_init, derived.bias_init,
+                         cfg.loss.learn_temperature, cfg.loss.max_temperature).to(device)
+        # DDP averages gradients over ranks; the distributed losses are written for that convention.
+        forward = DistributedDataParallel(model) if ranks.world > 1 else model
+        params = [p for p in model.parameters() if p.requires_grad]
+        batch = cfg.train.batch_size
+        return cls(
+            trial=trial, ranks=ranks, device=device, model=model, forward=forward,
+            optimizer=make_optimizer(model, cfg.optim, derived.lr), params=params,
+            tower_params={name: [p for p in getattr(model, name).parameters() if p.requires_grad]
+                          for name in ("image", "text")},
+            spikes=SpikeDetector(cfg.monitor.spike_threshold, cfg.monitor.spike_window),
+            loss_spikes=SpikeDetector(cfg.monitor.spike_threshold, cfg.monitor.spike_window),
+            updates=UpdateNorm(params),
+            tokenizer=HashTokenizer(cfg.model.vocab_size, cfg.model.context_length),
+            dataset=make_dataset(cfg.data, cfg.train.seed),
+            local=slice(ranks.rank * batch // ranks.world, (ranks.rank + 1) * batch // ranks.world),
+            healthy=torch.ones((), dtype=torch.bool, device=device),
+        )
+
+    def step(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """One optimisation step; returns its host values and its device metrics."""
+        cfg, derived = self.trial.config, self.trial.derived
+        model, optimizer = self.model, self.optimizer
+        lr = lr_at(step, derived, cfg.optim.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.dataset.train_batch(step, cfg.train.batch_size)
+        images = batch.images[self.local].to(self.device)
+        tokens = self.tokenizer(batch.captions[self.local]).to(self.device)
+
+        image_features, text_features = self.forward(images, tokens)
+        scale = model.logit_scale()
+        loss = compute_loss(self.trial, step, image_features, text_features, scale, model.bias,
+                            self.ranks.world > 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # Norms before any clipping: the spike record must show what the optimiser was handed.
+        # After backward the gradients are already averaged over ranks, so every rank agrees.
+        grad_norm = _norm(self.params)
+        self.healthy &= torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        optimizer.found_inf = (~self.healthy).float()  # type: ignore[attr-defined]
+        is_spike, ratio = self.spikes.update(float(grad_norm))
+        is_loss_spike, loss_ratio = self.loss_spikes.update(float(loss.detach()))
+        metrics = {
+            "loss": loss.detach(), "grad_norm": grad_norm, "temperature": scale.detach(),
+            "is_spike": torch.tensor(is_spike), "spike_ratio": _tensor(ratio),
+            "is_loss_spike": torch.tensor(is_loss_spike), "loss_spike_ratio": _tensor(loss_ratio),
+        }
+        if model.bias is not None:
+            metrics["bias"] = model.bias.detach().clone()
+        extended = cfg.monitor.extended
+        if extended:
+            # With several ranks these logit means cover this rank's block of the batch.
+            positive, negative = logit_means(image_features, text_features, scale, model.bias)
+            metrics.update(
+                grad_norm_image=_norm(self.tower_params["image"]),
+                grad_norm_text=_norm(self.tower_params["text"]),
+                logit_pos_mean=torch.tensor(positive), logit_neg_mean=torch.tensor(negative),
+                adam_staleness=_tensor(adam_staleness(optimizer)),
+            )
+        if cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+        if extended:
+            self.updates.snapshot()
+        optimizer.step()
+        if extended:
+            metrics["update_norm"] = torch.tensor(self.updates.measure())
+            metrics["param_norm"] = torch.tensor(norm([p.detach() for p in self.params]))
+        host = {"step": step, "examples_seen": step * cfg.train.batch_size, "lr": lr}
+        if model.bias is None:
+            host["bias"] = None
+        return host, metrics
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        eval_batch = self.dataset.eval_set()
+        results = evaluate(self.model, self.dataset, eval_batch, self.tokenizer, self.device)
+        return {f"{EVAL}{k}": v for k, v in
+                {"examples_seen": step * self.trial.config.train.batch_size, **results}.items()}
+
+    # Checkpoints: everything a resumed trial needs to continue exactly where this one is.
+    def state_dict(self, step: int, wall_s: float) -> dict[str, Any]:
+        rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"step": step, "wall_s": wall_s, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "spikes": self.spikes.state_dict(),
+                "loss_spikes": self.loss_spikes.state_dict(), "rng": rng}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint loaded to the CPU: model and optimizer state move to this attempt's
+        device (Optimizer.load_state_dict casts state to its parameters' devices)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.spikes.load_state_dict(state["spikes"])
+        self.loss_spikes.load_state_dict(state["loss_spikes"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients, on their device (0 with none)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _tensor(value: float | None) -> torch.Tensor:
+    return torch.tensor(float("nan") if value is None else value, dtype=torch.float64)
+
+
+def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Ranks,
+          device: torch.device, extra_sinks: list[MetricsSink] | None = None) -> dict[str, Any] | None:
+    """The loop: steps, flushes, evaluations, checkpoints; a summary at the end (rank 0)."""
+    cfg, derived = trial.config, trial.derived
+    attempt_start = time.time()
+    trainer = Trainer.build(trial, ranks, device)
+    leader, distributed = ranks.leader, ranks.world > 1
+    sinks = Sinks([StoreSink(store, derived.steps), *(extra_sinks or [])] if leader else [])
 
     start, wall_before = 0, 0.0
-    if store.checkpoint_path.exists():
-        # weights_only: a checkpoint is data, never code (nothing on disk can run on load).
-        ckpt = torch.load(store.checkpoint_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        spikes.load_state_dict(ckpt["spikes"])
-        loss_spikes.load_state_dict(ckpt["loss_spikes"])
-        torch.set_rng_state(ckpt["rng"])
-        start, wall_before = int(ckpt["step"]), float(ckpt["wall_s"])
+    checkpoint = store.load_checkpoint()
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint)
+        start, wall_before = int(checkpoint["step"]), float(checkpoint["wall_s"])
         if leader:
             store.truncate_after(start)
     elif leader:
         store.reset()
 
-    rows: list[dict[str, Any]] = []
-    last_flush = time.time()
-
     def elapsed() -> float:
         return wall_before + time.time() - attempt_start
 
-    def flush() -> None:
+    recorder = StepRecorder()
+    last_flush = time.time()
+
+    def flush() -> int | None:
+        """Rows to the sinks; returns the step that diverged, if one did."""
         nonlocal last_flush
-        if rows and leader:
-            store.append_metrics(rows)
-            store.update_state(step=rows[-1]["step"], steps=derived.steps, loss=rows[-1]["loss"])
-        rows.clear()
-        last_flush = time.time()
-
-    def save_checkpoint(step: int) -> None:
-        flush()
-        if not leader:
-            return
-        state = {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "spikes": spikes.state_dict(),
-            "loss_spikes": loss_spikes.state_dict(),
-            "rng": torch.get_rng_state(),
-            "wall_s": elapsed(),
-        }
-        tmp = store.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(store.checkpoint_path)
-
-    def record_eval(step: int) -> None:
+        rows, bad = recorder.drain()
+        diverged = None if bad is None else int(rows[bad]["step"])
         if leader:
-            store.append_eval({"step": step, "examples_seen": step * batch_size,
-                               **evaluate(model, dataset, eval_batch, tokenizer, device)})
+            for row in rows:
+                sinks.log(row.pop("step"), row)
+            sinks.flush()
+        last_flush = time.time()
+        return diverged
 
-    diverged = False
-    batch_size = cfg.train.batch_size
-    local = slice(ranks.rank * batch_size // ranks.world, (ranks.rank + 1) * batch_size // ranks.world)
-    extended = cfg.monitor.extended
-    step = start
-    for step in range(start + 1, derived.steps + 1):
-        t0 = time.perf_counter()
-        lr = lr_at(step, derived, cfg.optim.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = dataset.train_batch(step, batch_size)
-        images = batch.images[local].to(device)
-        tokens = tokenizer(batch.captions[local]).to(device)
-
-        image_features, text_features = forward(images, tokens)
-        scale = model.logit_scale()
-        loss = compute_loss(trial, step, image_features, text_features, scale, model.bias,
-                            distributed)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # Norms before any clipping: the spike record must show what the optimiser was handed.
-        # After backward the gradients are already averaged over ranks, so every rank agrees.
-        norm_now = grad_norm(params)
-        loss_value = loss.item()
-        is_spike, ratio = spikes.update(norm_now)
-        is_loss_spike, loss_ratio = loss_spikes.update(loss_value)
-        row = {
-            "step": step,
-            "examples_seen": step * batch_size,
-            "loss": loss_value,
-            "grad_norm": norm_now,
-            "lr": lr,
-            "temperature": scale.item(),
-            "bias": None if model.bias is None else model.bias.item(),
-            "is_spike": is_spike,
-            "spike_ratio": ratio,
-            "is_loss_spike": is_loss_spike,
-            "loss_spike_ratio": loss_ratio,
-        }
-        if extended:
-            # With several ranks these logit means cover this rank's block of the batch.
-            positive, negative = logit_means(image_features, text_features, scale, model.bias)
-            row.update(
-                grad_norm_image=grad_norm(tower_params["image"]),
-                grad_norm_text=grad_norm(tower_params["text"]),
-                logit_pos_mean=positive,
-                logit_neg_mean=negative,
-                adam_staleness=adam_staleness(optimizer),
-            )
-        if not (math.isfinite(loss_value) and math.isfinite(norm_now)):
-            row["step_time_s"] = time.perf_counter() - t0
-            rows.append(row)
-            diverged = True
-            break
-        if cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        if extended:
-            updates.snapshot()
-        optimizer.step()
-        if extended:
-            row["update_norm"] = updates.measure()
-            row["param_norm"] = norm([p.detach() for p in params])
-        row["step_time_s"] = time.perf_counter() - t0
-        rows.append(row)
-
-        if distributed and rk.any_rank(stop.is_set(), device):
-            stop.set()
-        if is_due(step, cfg.train.eval_every, derived.steps):
-            flush()
-            record_eval(step)
-        if is_due(step, cfg.train.checkpoint_every, derived.steps) or stop.is_set():
-            save_checkpoint(step)
-        elif time.time() - last_flush > FLUSH_EVERY_S:
-            flush()
-        if stop.is_set() and step < derived.steps:
-            raise Preempted(f"stopped at step {step}")
-
-    flush()
+    diverged_at: int | None = None
+    tick = time.perf_counter()
+    try:
+        for step in range(start + 1, derived.steps + 1):
+            host, metrics = trainer.step(step)
+            now = time.perf_counter()
+            host["step_time_s"], tick = now - tick, now
+            recorder.add(host, metrics)
+            due_eval = is_due(step, cfg.train.eval_every, derived.steps)
+            due_checkpoint = is_due(step, cfg.train.checkpoint_every, derived.steps)
+            if distributed:
+                check = step % RANKS_CHECK_EVERY == 0 or due_eval or due_checkpoint
+                if check and rk.any_rank(stop.is_set(), device):
+                    stop.set()
+            else:
+                check = (due_eval or due_checkpoint or stop.is_set()
+                         or time.time() - last_flush > FLUSH_EVERY_S)
+            if not check:
+                continue
+            diverged_at = flush()
+            if diverged_at is not None:
+                break
+            if due_eval and leader:
+                sinks.log(step, trainer.evaluate(step))
+            if (due_checkpoint or stop.is_set()) and leader:
+                store.save_checkpoint(trainer.state_dict(step, elapsed()))
+            if stop.is_set() and step < derived.steps:
+                raise Preempted(f"stopped at step {step}")
+        if diverged_at is None:
+            diverged_at = flush()
+    except BaseException:
+        sinks.close()
+        raise
     if not leader:
         return None
-    if diverged:
-        # The history up to the bad step is the finding; evaluate the model as it was before it.
-        record_eval(step)
-    store.compact_metrics()
-    summary = summarize(store.metrics(), store.evals(), derived, diverged, elapsed(),
-                        len(dataset.classes), cfg.monitor.spike_window)
-    atomic_write_json(store.summary_path, summary)
-    error = str(DivergedError(step, "non-finite loss or gradient norm")) if diverged else None
-    store.update_state(
-        status="diverged" if diverged else "done", finished_at=time.time(), error=error,
-        step=summary["step"],
-    )
+    if diverged_at is not None:
+        # The history up to the bad step is the finding; the model is the one from before it
+        # (every update from the bad step on was skipped on the device).
+        sinks.log(diverged_at, trainer.evaluate(diverged_at))
+    error = (DivergedError(diverged_at, "non-finite loss or gradient norm")
+             if diverged_at is not None else None)
+    summary = summarize(store.metrics(), store.evals(), derived, error is not None, elapsed(),
+                        len(trainer.dataset.classes), cfg.monitor.spike_window)
+    sinks.log(summary["step"], {f"{SUMMARY}{k}": v for k, v in summary.items()})
+    sinks.close()
+    store.update_state(status=Status.DIVERGED if error else Status.DONE, finished_at=time.time(),
+                       error=str(error) if error else None, step=summary["step"])
     return summary

@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-# A rank that died leaves the others blocked in a collective; gloo gives up after this long.
-COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+# A rank that died leaves the others blocked in a collective, which gives up after this long. Long
+# enough for rank 0 to evaluate and checkpoint alone while the others wait at the next collective
+# (a large model's evaluation and checkpoint take minutes), short enough to free a dead job's nodes.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -31,18 +33,41 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # ranks of this trial on this node
+    spawned: bool = False  # started here by local_children: every rank sees the same GPUs
 
     @property
     def leader(self) -> bool:
         return self.rank == 0
 
-    def device(self, gpus: int, choice: str) -> torch.device:
-        """This rank's device: its own GPU when the trial has GPUs, else the CPU."""
-        if choice == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but torch sees no GPU; use train.device=auto or cpu")
-        if choice == "cpu" or not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", self.local_rank if gpus > 1 else torch.cuda.current_device())
+
+def device_for(gpus: int, choice: str, ranks: Ranks) -> torch.device:
+    """The one rule for a rank's device.
+
+    - `resources.gpus: 0` trains on the CPU everywhere (a CPU trial never takes a GPU it did not
+      ask for, whatever the executor); `train.device: cuda` then is a contradiction.
+    - With GPUs, `train.device: auto` uses CUDA when torch sees it, else the CPU (a node whose GPUs
+      the scheduler only pretends to have); `train.device: cuda` without CUDA is an error.
+    - A rank takes device `local_rank % device_count()`: the node's GPUs in order when every rank
+      sees all of them, its own when the site binds one GPU per task (each task then sees one).
+      Ranks spawned here share one view of the GPUs, so they need one each: too few is an error
+      before any training.
+    """
+    if choice == "cuda" and gpus == 0:
+        raise RuntimeError("train.device=cuda but resources.gpus=0; ask for resources.gpus ≥ 1 "
+                           "or use train.device=auto or cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but torch sees no GPU; use train.device=auto or cpu")
+    if gpus == 0 or choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if ranks.local_world > count and (count > 1 or ranks.spawned):
+        raise RuntimeError(
+            f"{ranks.local_world} ranks of this trial run on this node but only {count} GPUs are "
+            f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); lower "
+            "resources.gpus or make more GPUs visible"
+        )
+    return torch.device("cuda", ranks.local_rank % count)
 
 
 def _backend(device: torch.device) -> str:
@@ -60,7 +85,8 @@ def from_environment() -> Ranks | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
-    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                 int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def join(ranks: Ranks, device: torch.device, init_method: str = "env://") -> None:
@@ -74,7 +100,7 @@ def join(ranks: Ranks, device: torch.device, init_method: str = "env://") -> Non
 
 def _child(local_rank: int, body: Callable[[Ranks, str], None], world: int, init_method: str) -> None:
     rank = local_rank + 1  # the parent is rank 0
-    body(Ranks(rank, world, rank), init_method)
+    body(Ranks(rank, world, rank, world, spawned=True), init_method)
 
 
 @contextmanager

@@ -1,0 +1,67 @@
+"""The trial process, as the local and Ray executors start, watch and stop it.
+
+Both run the one trial entry point (`python -m scalestudy.trial TRIAL_DIR`) as a child process:
+a process per trial isolates crashes and memory, gets exactly its own torch threads (torch reads
+OMP_NUM_THREADS only at its first import, so a reused worker would leak thread pools between
+trials), and owns its main thread for SIGTERM → checkpoint → `preempted`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+# The trial entry point's exit statuses (scalestudy.trial).
+EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED = 0, 1, 3
+# A stopped trial gets this long to save a checkpoint before it is killed.
+GRACE_S = 30.0
+
+
+def die_with_parent(sig: signal.Signals) -> Callable[[], None]:
+    """A preexec_fn: on Linux the child gets `sig` the moment its parent dies (PR_SET_PDEATHSIG).
+
+    The local executor asks for SIGTERM (the trial checkpoints, `preempted`); the Ray task for
+    SIGKILL (Ray may already retry the trial elsewhere, and a trial still saving would be a second
+    writer of its directory).
+    """
+
+    def arm() -> None:
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    return arm
+
+
+def start_trial(trial_dir: Path | str, backend: str, env: dict[str, str], log: Path,
+                parent_death: signal.Signals, new_session: bool = False) -> subprocess.Popen[bytes]:
+    """Start the trial process, its output appended to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "scalestudy.trial", str(trial_dir), "--backend", backend],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=new_session,
+            preexec_fn=die_with_parent(parent_death),
+        )
+
+
+def stop(process: subprocess.Popen[bytes], grace_s: float = GRACE_S) -> int:
+    """SIGTERM (the trial saves a checkpoint and exits as `preempted`), SIGKILL after `grace_s`;
+    returns the exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def killed_by(returncode: int) -> str | None:
+    """The name of the signal that ended a process, or None when it exited by itself."""
+    return signal.Signals(-returncode).name if returncode < 0 else None

@@ -1,0 +1,77 @@
+"""Checks that touch the file system, run by `validate`, `plan` and `run` before anything is written.
+
+The schema (scalestudy.spec) checks values only; what needs a look at the disk — the data files a
+study names — is checked here, once per distinct data setting among the trials. The read side
+(status, report, dashboard) never calls this, so a run directory copied to a laptop without its
+data still reads. Every problem is a SpecError (exit 2) naming the dotted key, the path and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from scalestudy.datafiles import class_folders, csv_with_columns, expand_braces
+from scalestudy.errors import SpecError
+from scalestudy.spec import DataSpec
+from scalestudy.store import Trial
+
+
+def check_data(data: DataSpec) -> list[str]:
+    """Every problem with the files `data` names, as `data.<key>: message` lines."""
+    problems = []
+    for key in ("shards", "eval_shards"):
+        for pattern in getattr(data, key) or []:
+            missing = [path for path in expand_braces(pattern) if not os.path.isfile(path)]
+            if missing:
+                origin = f" (from the pattern {pattern})" if missing[0] != pattern else ""
+                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                problems.append(f"data.{key}: the shard {missing[0]}{origin}{more} does not exist; "
+                                "check the path")
+    for key in ("csv", "eval_csv"):
+        path = getattr(data, key)
+        if path is not None:
+            try:
+                csv_with_columns(path)
+            except ValueError as err:
+                problems.append(f"data.{key}: {err}")
+    if data.zeroshot_dir is not None:
+        problems += _zeroshot_folder(data)
+    return problems
+
+
+def _zeroshot_folder(data: DataSpec) -> list[str]:
+    path = data.zeroshot_dir
+    assert path is not None
+    if not os.path.isdir(path):
+        return [f"data.zeroshot_dir: {path} is not a directory; give a folder with one subfolder "
+                "per class"]
+    folders = class_folders(path)
+    if len(folders) < 2:
+        return [f"data.zeroshot_dir: {path} needs at least two class subfolders (one per class) "
+                "for zero-shot"]
+    if data.zeroshot_classes is not None and len(data.zeroshot_classes) != len(folders):
+        return [f"data.zeroshot_classes has {len(data.zeroshot_classes)} names but {path} has "
+                f"{len(folders)} class subfolders; give one name per subfolder, in sorted order"]
+    return []
+
+
+def preflight(trials: Iterable[Trial], source: str, axes: Iterable[str] = ()) -> None:
+    """Raise a SpecError listing every file problem of the trials (each distinct setting once).
+
+    A problem names its key as the study file has it: `base.data.shards`, or `sweep: data.shards`
+    when the key is one of the swept `axes`.
+    """
+    problems: dict[str, None] = {}
+    seen: set[str] = set()
+    for trial in trials:
+        data = trial.config.data
+        key = data.model_dump_json()
+        if key in seen:
+            continue
+        seen.add(key)
+        problems.update(dict.fromkeys(check_data(data)))
+    if problems:
+        swept = set(axes)
+        raise SpecError("\n".join(
+            f"{source}: {'sweep: ' if p.split(':', 1)[0] in swept else 'base.'}{p}" for p in problems))

@@ -57,8 +57,12 @@ def model_at(model: type[BaseModel], dotted: str, context: str) -> type[BaseMode
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    """A copy of `tree` with the nested key `dotted` set to `value` (missing levels are created)."""
-    out = copy.deepcopy(tree)
+    """A copy of `tree` with the nested key `dotted` set to `value` (missing levels are created).
+
+    Only the mappings on the key's path are copied; the rest is shared with `tree` (a sweep of
+    thousands of points sets keys on the same base: a deep copy per key dominated expansion).
+    """
+    out = dict(tree)
     node = out
     *parents, leaf = dotted.split(".")
     for part in parents:
@@ -95,12 +99,12 @@ def apply_override(raw: dict[str, Any], assignment: str) -> dict[str, Any]:
     if first in TrialConfig.model_fields:
         model_at(TrialConfig, key, context)
         out = set_dotted(raw, f"base.{key}", value)
-        sweep = out.get("sweep") or {}
+        sweep = copy.deepcopy(out.get("sweep") or {})
         for kind in ("grid", "zip"):
             axes = sweep.get(kind)
             if isinstance(axes, dict) and key in axes:
                 del axes[key]
-        return out
+        return {**out, "sweep": sweep} if sweep else out
     if key.startswith(("sweep.grid.", "sweep.zip.")):
         _, kind, axis = key.split(".", 2)
         model_at(TrialConfig, axis, context)

@@ -237,10 +237,12 @@ class RunStore:
         return sorted(p.name for p in self.trials_dir.iterdir() if (p / "config.json").exists())
 
     def add_trial(self, trial: Trial) -> TrialStore:
-        """Create the trial's directory and write its config.json (the stored config is the one
-        the trial trains from; `run` has checked that a stored one computes the same)."""
+        """Create the trial's directory and write its config.json, or bring a stored one up to
+        date (new keys, new derived values): the stored config is the one the trial trains from,
+        and `run` has checked that it computes the same. An unchanged one is not rewritten."""
         ts = self.trial(trial.trial_id)
-        ts.write_trial(trial)
+        if not ts.config_path.exists() or ts.config() != trial.model_dump(mode="json"):
+            ts.write_trial(trial)
         return ts
 
     def set_aside(self, trial_id: str) -> Path:
@@ -258,7 +260,10 @@ class RunStore:
     def manifest(self) -> Manifest:
         """The run's manifest. A run directory from before manifests existed gets one read from
         its study.yaml as plain YAML (its name, description and swept keys), with every trial
-        directory counted in the study: nothing is validated or expanded."""
+        directory counted in the study: nothing is validated or expanded. A directory with neither
+        (trials written by hand, or before `run` wrote anything) has every trial in its study."""
+        if not (self.manifest_path.exists() or self.study_path.exists()):
+            return Manifest(name=self.root.name, axes=[], trial_ids=self.trial_ids(), study={})
         if self.manifest_path.exists():
             try:
                 return Manifest.model_validate(read_json(self.manifest_path))

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from scalestudy.errors import ScalestudyError, UsageError
 from scalestudy.expand import axes, expand

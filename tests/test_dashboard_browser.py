@@ -149,7 +149,7 @@ def test_the_page_lists_trials_marks_a_spike_and_shows_new_steps_without_a_reloa
 
     browser.execute_script("window.notReloaded = true; performance.clearResourceTimings()")
     last = continue_trial(ts, steps=5, spike_at=29)  # steps 27–31, while the page is open
-    wait_for(browser, lambda d: css(d, f'circle.spike[data-step="29"]'), timeout=LIVE_WAIT_S,
+    wait_for(browser, lambda d: css(d, 'circle.spike[data-step="29"]'), timeout=LIVE_WAIT_S,
              what="the appended spike")
     legend_step = css(browser, f'.legend-item[data-trial="{ts.trial_id}"] .last-step')[0]
     wait_for(browser, lambda d: legend_step.text == str(last), timeout=LIVE_WAIT_S,

@@ -14,8 +14,6 @@ import polars as pl
 import pytest
 
 from scalestudy.cli import main
-from scalestudy.expand import expand
-from scalestudy.load import load_study
 from scalestudy.store import RunStore
 from tests.conftest import tiny_study
 
@@ -97,30 +95,6 @@ def test_a_killed_trial_resumes_on_the_next_run_with_no_duplicated_steps(write_s
     assert state["status"] == "done" and state["attempts"] == 2
     steps = RunStore(out / "tiny").trial(trial_dir.name).metrics()["step"].to_list()
     assert steps == list(range(1, 401))
-
-
-def test_a_resumed_trial_ends_with_the_same_metrics_step_by_step_as_an_uninterrupted_one(
-    write_study, tmp_path
-):
-    study = tiny_study(grid={"loss.kind": ["sigmoid"]},
-                       base={"train": {"examples_seen": 32 * 300, "batch_size": 32,
-                                       "checkpoint_every": 25, "eval_every": 50}})
-    trial = expand(load_study(write_study(study)))[0]
-    straight = RunStore(tmp_path / "straight").add_trial(trial)
-    interrupted = RunStore(tmp_path / "interrupted").add_trial(trial)
-    for ts in (straight, interrupted):
-        proc = subprocess.Popen([sys.executable, "-m", "scalestudy.trial", str(ts.path)])
-        if ts is interrupted:
-            wait_for(lambda: state_of(ts.path).get("step", 0) >= 60, 120, "60 steps")
-            proc.kill()
-        assert proc.wait(timeout=300) in (0, -signal.SIGKILL)
-    assert state_of(interrupted.path)["status"] == "running"  # killed: it could not say otherwise
-    subprocess.run([sys.executable, "-m", "scalestudy.trial", str(interrupted.path)], check=True,
-                   timeout=300)
-    assert state_of(interrupted.path)["attempts"] == 2
-    compare = pl.exclude("step_time_s")
-    assert straight.metrics().select(compare).equals(interrupted.metrics().select(compare))
-    assert straight.evals().equals(interrupted.evals())
 
 
 def test_a_trial_that_raises_is_failed_with_its_traceback_and_the_run_exits_1(write_study, tmp_path,

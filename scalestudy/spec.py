@@ -309,6 +309,12 @@ class LossSpec(Spec):
 
 
 class OptimSpec(Spec):
+    kind: Literal["adamw", "stable_adamw"] = Field(
+        "adamw",
+        description="adamw: torch's AdamW. stable_adamw: AdamW with per-tensor update clipping, "
+        "lr / max(1, RMS_t) (Wortsman et al. 2023, §3.5 and Algorithm 2), which removes the loss "
+        "spikes that follow a stale second-moment estimate (§3.4) without gradient clipping.",
+    )
     lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate at optim.lr_reference_batch.")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β1.")
     beta2: float = Field(

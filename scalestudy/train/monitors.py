@@ -19,8 +19,8 @@ from torch import nn
 
 from scalestudy.train.optim import StableAdamW, update_rms
 
-# The image tower's patch embedding (the ViT's first layer): Wortsman et al. 2023 (§3.4, Fig. 9)
-# find the update RMS spikes there first, a few steps before the loss does.
+# The image tower's patch embedding (the ViT's first layer), where Wortsman et al. 2023 (§3.4)
+# watch the update RMS rise a few steps before a loss spike.
 PATCH_EMBED = "image.patchify.weight"
 
 
@@ -244,7 +244,8 @@ class UpdateRMS:
             with_grad = [p for p in group["params"] if p.grad is not None]
             states = [optimizer.state.get(p) or {} for p in with_grad]
             # Before the first step there is no state: v_0 = 0 and t − 1 = 0.
-            exp_avg_sqs = [s["exp_avg_sq"] if s else torch.zeros_like(p) for s, p in zip(states, with_grad)]
+            exp_avg_sqs = [s["exp_avg_sq"] if s else torch.zeros_like(p)
+                           for s, p in zip(states, with_grad)]
             steps = [s["step"] if s else p.new_zeros(()) for s, p in zip(states, with_grad)]
             values = iter(update_rms([p.grad for p in with_grad], exp_avg_sqs, steps, beta2, eps)
                           if with_grad else [])

@@ -6,20 +6,22 @@ headless Chromium.
 The run directory is synthetic but written with the store's own writers, exactly as trials write
 it: metric parts flushed every 500 steps (`TrialStore.append_metrics`), compacted when a trial ends
 (`compact_metrics`), evaluations (`append_eval`), the real `summarize` for summary.json, and
-state.json through `update_state`. Spikes are flagged by the trial's own `SpikeDetector`. Mix of
+state.json through `update_state`. Grad-norm and loss spikes are flagged by the trial's own
+`SpikeDetector` (fed each whole series at once, `update_many`). Mix of
 states: 10 running, 4 failed, diverging large-batch sigmoid trials, the rest done. The directory
 is reused when it already holds the full set (writing it takes about a minute here).
 
 Timings are taken inside the page (`performance.now()`): the overview from navigation start to its
 table of 200 rows drawn; the instability view of the 20 spikiest trials from the route change (a
 click from the overview) and, cold, from navigation start when opened by its URL, to all 20
-grad-norm traces (every point, checked) and the aligned loss/temperature/bias/staleness panels
+grad-norm traces (every point, checked) and the aligned loss/temperature/bias/update-RMS panels
 drawn. Results are recorded in benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import statistics
 import subprocess
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from scalestudy.expand import expand
@@ -74,9 +77,15 @@ def synthetic_series(seed: int, batch: int, beta2: float, sigmoid: bool) -> dict
         "loss": loss,
         "temperature": 10 + 20 * (1 - np.exp(-steps / 3000)),
         "bias": -10 + 3 * (1 - np.exp(-steps / 4000)) if sigmoid else np.full(STEPS, np.nan),
-        "adam_staleness": np.exp(rng.normal(0, 0.2, STEPS)) + np.isin(steps, spikes + 3) * 5,
+        "rms_max": np.exp(rng.normal(0, 0.2, STEPS)) + np.isin(steps, spikes + 3) * 5,
         "lr": np.minimum(steps / 1000, 1) * 1e-3,
     }
+
+
+def flag_spikes(detector: SpikeDetector, values: np.ndarray) -> tuple[list[bool], list[float | None]]:
+    """The detector's flags and ratios for a whole series, as the rows store them (no ratio: None)."""
+    flags, ratios = detector.update_many(torch.from_numpy(values))
+    return flags.tolist(), [None if math.isnan(r) else r for r in ratios.tolist()]
 
 
 def write_trial(ts: TrialStore, index: int, batch: int, beta2: float, sigmoid: bool) -> None:
@@ -86,19 +95,25 @@ def write_trial(ts: TrialStore, index: int, batch: int, beta2: float, sigmoid: b
     diverge_at = 6_000 + index if sigmoid and batch == 1024 and beta2 == 0.999 and index % 3 == 0 else None
     last = 9_500 if running else 3_000 if failed else (diverge_at or STEPS)
     ts.start_attempt("bench")
-    detector = SpikeDetector(trial.config.monitor.spike_threshold, trial.config.monitor.spike_window)
+    monitor = trial.config.monitor
+    losses = series["loss"][:last].copy()
+    if diverge_at is not None:
+        losses[diverge_at - 1] = np.nan
+    is_spike, spike_ratio = flag_spikes(
+        SpikeDetector(monitor.spike_threshold, monitor.spike_window), series["grad_norm"][:last])
+    is_loss_spike, loss_spike_ratio = flag_spikes(
+        SpikeDetector(monitor.loss_spike_threshold, monitor.loss_spike_window), losses)
     rows = []
     for i in range(last):
         step = i + 1
-        loss = float("nan") if step == diverge_at else float(series["loss"][i])
-        is_spike, ratio = detector.update(float(series["grad_norm"][i]))
+        loss = float(losses[i])
         bias = float(series["bias"][i])
         rows.append({
             "step": step, "examples_seen": step * batch, "loss": loss,
             "grad_norm": float(series["grad_norm"][i]), "lr": float(series["lr"][i]),
             "temperature": float(series["temperature"][i]), "bias": None if bias != bias else bias,
-            "is_spike": is_spike, "spike_ratio": ratio, "is_loss_spike": False,
-            "loss_spike_ratio": None, "adam_staleness": float(series["adam_staleness"][i]),
+            "is_spike": is_spike[i], "spike_ratio": spike_ratio[i], "is_loss_spike": is_loss_spike[i],
+            "loss_spike_ratio": loss_spike_ratio[i], "rms_max": float(series["rms_max"][i]),
             "step_time_s": 0.01,
         })
         if step % FLUSH_STEPS == 0 or step == last:
@@ -117,8 +132,7 @@ def write_trial(ts: TrialStore, index: int, batch: int, beta2: float, sigmoid: b
                         "RuntimeError: synthetic failure for the benchmark")
         return
     ts.compact_metrics()
-    summary = summarize(ts.metrics(), ts.evals(), trial.derived, diverge_at is not None, 100.0,
-                        NUM_CLASSES, trial.config.monitor.spike_window)
+    summary = summarize(ts.metrics(), ts.evals(), trial, diverge_at is not None, 100.0, NUM_CLASSES)
     atomic_write_json(ts.summary_path, summary)
     ts.update_state(status="diverged" if diverge_at else "done", step=summary["step"])
 

@@ -161,7 +161,7 @@ def binned_steps(steps: pl.LazyFrame, width: int, x: str = "examples_seen",
             pl.col("is_spike").sum().alias("spikes"),
             pl.col("temperature").last(),
             pl.col("bias").last(),
-            pl.col("adam_staleness").mean(),
+            pl.col("rms_max").max(),
             pl.col("lr").mean(),
         )
         .sort("trial_id", "bin")

@@ -284,7 +284,7 @@ TRACE_ROWS = (
     ("grad_norm_max", "grad norm (pre-clip, max per bin; × = spike)", True),
     ("temperature", "logit scale t", True),
     ("bias", "sigmoid bias b", False),
-    ("adam_staleness", "Adam staleness", False),
+    ("rms_max", "update RMS (max over matrices)", False),
 )
 
 

@@ -8,7 +8,7 @@ Writes RUN_DIR/report/:
 - instability.png|svg        spike rate, worst spike ratio and fraction diverged per setting
 - init_sensitivity.png|svg   final accuracy over the bias × temperature init grid (studies that
   early_loss.png|svg         sweep an init) and the early training loss per init
-- traces.png|svg             per-trial loss, grad norm (spikes ×), temperature, bias, Adam staleness
+- traces.png|svg             per-trial loss, grad norm (spikes ×), temperature, bias, update RMS
 - grad_norm.png|svg          every trial's grad norm with spikes, one panel per loss
 - results.csv                the trial table;  groups.csv  per-setting counts, means and CIs
 - index.html, index.md       all of it with a generated summary (plain HTML, works offline)

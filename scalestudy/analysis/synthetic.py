@@ -7,6 +7,8 @@ from a known model, so an analysis can be checked against the truth it should re
 Accuracy follows a saturating power law in the batch size, acc(B) = y_inf − c·B^−α, per loss
 (`TRUTH`), plus Gaussian seed noise; the loss decays exponentially; the gradient norm is
 log-normal with occasional spikes, more of them at larger batch sizes and with beta2 = 0.999.
+Spikes are flagged, and summary.json written, by the trial's own `SpikeDetector` and
+`summarize`, so the synthetic figures follow the same definitions as trained ones.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
 
 from scalestudy.expand import axes, expand
 from scalestudy.spec import StudySpec
 from scalestudy.store import Manifest, RunStore, Status, Trial, atomic_write_parquet, part_name, write_results
+from scalestudy.train.monitors import SpikeDetector
+from scalestudy.train.summary import summarize
 
 # (y_inf, c, alpha) per loss: sigmoid higher at small batch, both near 0.6 at large (SigLIP Fig. 2).
 TRUTH: dict[str, tuple[float, float, float]] = {
@@ -30,7 +35,7 @@ TRUTH: dict[str, tuple[float, float, float]] = {
     "sigmoid": (0.62, 0.60, 0.5),
 }
 SEED_NOISE = 0.01
-CHANCE = 1 / 40
+NUM_CLASSES = 40
 
 
 def true_accuracy(kind: str, batch: int) -> float:
@@ -53,6 +58,11 @@ def synthetic_steps(trial: Trial, steps: int, rng: np.random.Generator, stop: in
     bias_init = trial.derived.bias_init
     bias = (np.linspace(bias_init, bias_init / 2, n) if sigmoid and bias_init is not None
             else np.full(n, np.nan))
+    monitor = cfg.monitor
+    is_spike, spike_ratio = SpikeDetector(monitor.spike_threshold, monitor.spike_window).update_many(
+        torch.from_numpy(grad))
+    is_loss_spike, loss_spike_ratio = SpikeDetector(
+        monitor.loss_spike_threshold, monitor.loss_spike_window).update_many(torch.from_numpy(loss))
     return pl.DataFrame({
         "step": step,
         "examples_seen": step * batch,
@@ -61,13 +71,13 @@ def synthetic_steps(trial: Trial, steps: int, rng: np.random.Generator, stop: in
         "lr": np.full(n, trial.derived.lr),
         "temperature": np.linspace(trial.derived.temperature_init, 30.0, n),
         "bias": bias,
-        "is_spike": spiking,
-        "spike_ratio": grad,
-        "is_loss_spike": np.zeros(n, dtype=bool),
-        "loss_spike_ratio": np.ones(n),
+        "is_spike": is_spike.numpy(),
+        "spike_ratio": spike_ratio.numpy(),
+        "is_loss_spike": is_loss_spike.numpy(),
+        "loss_spike_ratio": loss_spike_ratio.numpy(),
         "step_time_s": np.full(n, 0.01),
-        "adam_staleness": np.abs(rng.normal(0.1, 0.02, n)),
-    }).with_columns(pl.col("bias").fill_nan(None))
+        "rms_max": np.abs(rng.normal(0.9, 0.05, n)),
+    }).with_columns(pl.col("bias", "spike_ratio", "loss_spike_ratio").fill_nan(None))
 
 
 Outcome = Callable[[Trial], str]
@@ -104,24 +114,15 @@ def write_synthetic_run(out: str | Path, study: dict[str, Any], steps: int | Non
             continue
         accuracy = true_accuracy(trial.config.loss.kind, trial.config.train.batch_size)
         accuracy += float(rng.normal(0, SEED_NOISE))
-        spikes = metrics.filter(pl.col("is_spike"))
-        ts.write_summary({
-            "steps": length,
-            "examples_seen": length * trial.config.train.batch_size,
-            "step": metrics.height,
-            "final_loss": None if status == Status.DIVERGED else float(metrics["loss"].tail(10).mean()),
-            "zeroshot_top1": accuracy,
-            "zeroshot_chance": CHANCE,
-            "best_zeroshot_top1": accuracy,
-            "retrieval_i2t_r1": accuracy * 0.8,
-            "retrieval_t2i_r1": accuracy * 0.7,
-            "spike_count": spikes.height,
-            "max_spike_ratio": float(metrics["spike_ratio"].max()),
-            "first_spike_step": int(spikes["step"].min()) if spikes.height else None,
-            "spike_rate_per_1k": 1000 * spikes.height / metrics.height,
-            "diverged": status == Status.DIVERGED,
-            "wall_s": 0.01 * metrics.height,
-            "samples_per_s": 100.0 * trial.config.train.batch_size,
+        final_eval = pl.DataFrame({
+            "step": [metrics.height], "examples_seen": [metrics.height * trial.config.train.batch_size],
+            "zeroshot_top1": [accuracy], "retrieval_i2t_r1": [accuracy * 0.8],
+            "retrieval_t2i_r1": [accuracy * 0.7],
         })
+        summary = summarize(metrics, final_eval, trial, status == Status.DIVERGED,
+                            0.01 * metrics.height, NUM_CLASSES)
+        # `steps` may override the trial's own length: the summary reports the length written.
+        summary.update(steps=length, examples_seen=length * trial.config.train.batch_size)
+        ts.write_summary(summary)
     write_results(store)
     return store

@@ -33,7 +33,7 @@ from scalestudy.store import (
 
 # What the instability view plots; the run view asks for more by name.
 PLOT_COLUMNS = ("step", "grad_norm", "is_spike", "spike_ratio", "loss", "temperature", "bias",
-                "adam_staleness")
+                "rms_max")
 # Overview columns besides the swept axes (whose names come from the study).
 OVERVIEW_COLUMNS = ("trial_id", "status", "step", "steps", "final_loss", "zeroshot_top1",
                     "best_zeroshot_top1", "zeroshot_chance", "spike_count", "max_spike_ratio",

@@ -27,7 +27,11 @@ STEP_SCHEMA: dict[str, pl.DataType] = {
     "grad_norm_text": pl.Float64(),
     "logit_pos_mean": pl.Float64(),
     "logit_neg_mean": pl.Float64(),
-    "adam_staleness": pl.Float64(),
+    "rms_max": pl.Float64(),
+    "rms_max_name": pl.String(),
+    "rms_patch_embed": pl.Float64(),
+    "rms_temperature": pl.Float64(),
+    "rms_bias": pl.Float64(),
     "update_norm": pl.Float64(),
     "param_norm": pl.Float64(),
 }

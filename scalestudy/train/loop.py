@@ -38,9 +38,9 @@ from scalestudy.train import ranks as rk
 from scalestudy.train.data import HashTokenizer, make_dataset
 from scalestudy.train.evaluate import evaluate
 from scalestudy.train.models import TwoTower
-from scalestudy.train.monitors import SpikeDetector, UpdateNorm, adam_staleness, logit_means, norm
-from scalestudy.train.optim import lr_at, make_optimizer
-from scalestudy.train.recorder import StepRecorder
+from scalestudy.train.monitors import GradNorms, SpikeDetector, UpdateNorm, UpdateRMS, logit_means
+from scalestudy.train.optim import NonFiniteGate, lr_at, make_optimizer
+from scalestudy.train.recorder import DeviceRows, first_bad
 from scalestudy.train.summary import summarize
 
 # A single-process trial brings its metrics to the host (and so to status and the dashboard) at
@@ -171,16 +171,17 @@ class Trainer:
     forward: torch.nn.Module
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
-    tower_params: dict[str, list[torch.nn.Parameter]]
+    grad_norms: GradNorms
     spikes: SpikeDetector
     loss_spikes: SpikeDetector
-    updates: UpdateNorm
+    # Sticky on the device: from the first non-finite step on, every optimizer update is skipped
+    # (`optimizer.found_inf`) without a host sync.
+    gate: NonFiniteGate
+    updates: UpdateNorm | None  # the extended monitors (monitor.extended)
+    update_rms: UpdateRMS | None
     tokenizer: HashTokenizer
     dataset: Any
     local: slice
-    # Sticky on the device: False from the first non-finite step on, which gates every later
-    # optimizer update off without a host sync (`optimizer.found_inf`).
-    healthy: torch.Tensor
 
     @classmethod
     def build(cls, trial: Trial, ranks: rk.Ranks, device: torch.device) -> Trainer:
@@ -191,26 +192,29 @@ class Trainer:
         # DDP averages gradients over ranks; the distributed losses are written for that convention.
         forward = DistributedDataParallel(model) if ranks.world > 1 else model
         params = [p for p in model.parameters() if p.requires_grad]
-        batch = cfg.train.batch_size
+        optimizer = make_optimizer(model, cfg.optim, derived.lr)
+        monitor, extended, batch = cfg.monitor, cfg.monitor.extended, cfg.train.batch_size
         return cls(
             trial=trial, ranks=ranks, device=device, model=model, forward=forward,
-            optimizer=make_optimizer(model, cfg.optim, derived.lr), params=params,
-            tower_params={name: [p for p in getattr(model, name).parameters() if p.requires_grad]
-                          for name in ("image", "text")},
-            spikes=SpikeDetector(cfg.monitor.spike_threshold, cfg.monitor.spike_window),
-            loss_spikes=SpikeDetector(cfg.monitor.spike_threshold, cfg.monitor.spike_window),
-            updates=UpdateNorm(params),
+            optimizer=optimizer, params=params, grad_norms=GradNorms(model),
+            spikes=SpikeDetector(monitor.spike_threshold, monitor.spike_window, device),
+            loss_spikes=SpikeDetector(monitor.loss_spike_threshold, monitor.loss_spike_window, device),
+            gate=NonFiniteGate(device),
+            updates=UpdateNorm(params) if extended else None,
+            update_rms=UpdateRMS(model, optimizer) if extended else None,
             tokenizer=HashTokenizer(cfg.model.vocab_size, cfg.model.context_length),
             dataset=make_dataset(cfg.data, cfg.train.seed),
             local=slice(ranks.rank * batch // ranks.world, (ranks.rank + 1) * batch // ranks.world),
-            healthy=torch.ones((), dtype=torch.bool, device=device),
         )
 
+    def rows(self) -> DeviceRows:
+        return DeviceRows(self.update_rms.names if self.update_rms else ())
+
     def step(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """One optimisation step; returns its host values and its device metrics."""
-        cfg, derived = self.trial.config, self.trial.derived
+        """One optimisation step; returns its host values and its device metrics (no host sync)."""
+        cfg = self.trial.config
         model, optimizer = self.model, self.optimizer
-        lr = lr_at(step, derived, cfg.optim.schedule)
+        lr = lr_at(step, self.trial.derived, cfg.optim.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = self.dataset.train_batch(step, cfg.train.batch_size)
@@ -225,37 +229,31 @@ class Trainer:
         loss.backward()
         # Norms before any clipping: the spike record must show what the optimiser was handed.
         # After backward the gradients are already averaged over ranks, so every rank agrees.
-        grad_norm = _norm(self.params)
-        self.healthy &= torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        optimizer.found_inf = (~self.healthy).float()  # type: ignore[attr-defined]
-        is_spike, ratio = self.spikes.update(float(grad_norm))
-        is_loss_spike, loss_ratio = self.loss_spikes.update(float(loss.detach()))
-        metrics = {
-            "loss": loss.detach(), "grad_norm": grad_norm, "temperature": scale.detach(),
-            "is_spike": torch.tensor(is_spike), "spike_ratio": _tensor(ratio),
-            "is_loss_spike": torch.tensor(is_loss_spike), "loss_spike_ratio": _tensor(loss_ratio),
-        }
+        norms = self.grad_norms()
+        loss_now = loss.detach()
+        is_spike, ratio = self.spikes.update(norms["grad_norm"])
+        is_loss_spike, loss_ratio = self.loss_spikes.update(loss_now)
+        optimizer.found_inf = self.gate.update(loss_now, norms["grad_norm"])  # type: ignore[attr-defined]
+        metrics = {"loss": loss_now, "grad_norm": norms["grad_norm"], "temperature": scale.detach(),
+                   "is_spike": is_spike, "spike_ratio": ratio, "is_loss_spike": is_loss_spike,
+                   "loss_spike_ratio": loss_ratio}
         if model.bias is not None:
-            metrics["bias"] = model.bias.detach().clone()
-        extended = cfg.monitor.extended
-        if extended:
+            metrics["bias"] = model.bias.detach().clone()  # clone: the step updates it in place
+        if self.updates is not None:
             # With several ranks these logit means cover this rank's block of the batch.
             positive, negative = logit_means(image_features, text_features, scale, model.bias)
-            metrics.update(
-                grad_norm_image=_norm(self.tower_params["image"]),
-                grad_norm_text=_norm(self.tower_params["text"]),
-                logit_pos_mean=torch.tensor(positive), logit_neg_mean=torch.tensor(negative),
-                adam_staleness=_tensor(adam_staleness(optimizer)),
-            )
+            metrics.update(grad_norm_image=norms["grad_norm_image"],
+                           grad_norm_text=norms["grad_norm_text"],
+                           logit_pos_mean=positive, logit_neg_mean=negative)
         if cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-        if extended:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip, foreach=True)
+        if self.updates is not None:
             self.updates.snapshot()
         optimizer.step()
-        if extended:
-            metrics["update_norm"] = torch.tensor(self.updates.measure())
-            metrics["param_norm"] = torch.tensor(norm([p.detach() for p in self.params]))
-        host = {"step": step, "examples_seen": step * cfg.train.batch_size, "lr": lr}
+        if self.updates is not None and self.update_rms is not None:
+            metrics.update(self.updates.measure())
+            metrics.update(self.update_rms.read())
+        host: dict[str, Any] = {"step": step, "examples_seen": step * cfg.train.batch_size, "lr": lr}
         if model.bias is None:
             host["bias"] = None
         return host, metrics
@@ -288,18 +286,6 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def _norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """The global L2 norm of the parameters' gradients, on their device (0 with none)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
-def _tensor(value: float | None) -> torch.Tensor:
-    return torch.tensor(float("nan") if value is None else value, dtype=torch.float64)
-
-
 def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Ranks,
           device: torch.device, extra_sinks: list[MetricsSink] | None = None) -> dict[str, Any] | None:
     """The loop: steps, flushes, evaluations, checkpoints; a summary at the end (rank 0)."""
@@ -322,14 +308,17 @@ def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Rank
     def elapsed() -> float:
         return wall_before + time.time() - attempt_start
 
-    recorder = StepRecorder()
+    pending = trainer.rows()
     last_flush = time.time()
 
     def flush() -> int | None:
-        """Rows to the sinks; returns the step that diverged, if one did."""
+        """Rows to the sinks (up to a bad step); returns the step that diverged, if one did."""
         nonlocal last_flush
-        rows, bad = recorder.drain()
+        rows = pending.drain()
+        bad = first_bad(rows)
         diverged = None if bad is None else int(rows[bad]["step"])
+        if bad is not None:
+            rows = rows[:bad + 1]  # the trial stopped there; later steps changed nothing
         if leader:
             for row in rows:
                 sinks.log(row.pop("step"), row)
@@ -344,7 +333,7 @@ def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Rank
             host, metrics = trainer.step(step)
             now = time.perf_counter()
             host["step_time_s"], tick = now - tick, now
-            recorder.add(host, metrics)
+            pending.append(host, metrics)
             due_eval = is_due(step, cfg.train.eval_every, derived.steps)
             due_checkpoint = is_due(step, cfg.train.checkpoint_every, derived.steps)
             if distributed:
@@ -378,8 +367,8 @@ def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Rank
         sinks.log(diverged_at, trainer.evaluate(diverged_at))
     error = (DivergedError(diverged_at, "non-finite loss or gradient norm")
              if diverged_at is not None else None)
-    summary = summarize(store.metrics(), store.evals(), derived, error is not None, elapsed(),
-                        len(trainer.dataset.classes), cfg.monitor.spike_window)
+    summary = summarize(store.metrics(), store.evals(), trial, error is not None, elapsed(),
+                        len(trainer.dataset.classes))
     sinks.log(summary["step"], {f"{SUMMARY}{k}": v for k, v in summary.items()})
     sinks.close()
     store.update_state(status=Status.DIVERGED if error else Status.DONE, finished_at=time.time(),

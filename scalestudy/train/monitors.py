@@ -1,109 +1,279 @@
-"""Online monitors: small stateful classes fed one step at a time, tested on synthetic series."""
+"""Online monitors, computed on the parameters' device without a single host sync.
+
+Every per-step figure is a 0-d tensor on the device: nothing here calls `.item()`, `.tolist()`,
+`float()`, `bool()` or `.cpu()` on a value, or branches in Python on one (the tests run the
+whole per-step path on the meta device, where any of those raises). The loop collects each
+step's tensors in `scalestudy.train.recorder.DeviceRows`, which stacks them and copies them to the host once per flush; on
+a GPU the host then runs ahead of the device instead of waiting for it ~70 times a step.
+Each monitor is tested on synthetic series against a plain formula.
+"""
 
 from __future__ import annotations
 
 import math
-import statistics
-from collections import deque
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
+
+from scalestudy.train.optim import StableAdamW, update_rms
+
+# The image tower's patch embedding (the ViT's first layer), where Wortsman et al. 2023 (§3.4)
+# watch the update RMS rise a few steps before a loss spike.
+PATCH_EMBED = "image.patchify.weight"
 
 
-class SpikeDetector:
-    """Flags a value above `threshold` × the running median of the previous `window` values.
+@torch.no_grad()
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all `tensors` together, as a 0-d tensor: one vectorised foreach reduction."""
+    if not tensors:
+        raise ValueError("global_norm of no tensors: pass at least one")
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
-    SigLIP §4.4 traces large-batch degradation to gradient-norm spikes; a ratio to a running median
-    is scale-free (it means the same at every batch size and LR) and robust to the spikes themselves.
-    Nothing is flagged until `window // 2` values have been seen, so the noisy first steps of
-    training are not counted. Non-finite values are never spikes (divergence handles them) and never
-    enter the history.
+
+class GradNorms:
+    """The global and per-tower gradient norms, before any clipping.
+
+    One `_foreach_norm` over every gradient gives the per-tensor norms; the global and tower
+    norms are sums of their squares over precomputed index sets (a locked tower's norm is 0).
+    After backward under DistributedDataParallel the gradients are already averaged over ranks,
+    so every rank computes the same figures.
     """
 
-    def __init__(self, threshold: float, window: int) -> None:
-        self.threshold = threshold
-        self.window = window
-        self.history: deque[float] = deque(maxlen=window)
+    def __init__(self, model: nn.Module, towers: Sequence[str] = ("image", "text")) -> None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("GradNorms: the model has no trainable parameters")
+        self.params = [p for _, p in named]
+        device = self.params[0].device
+        self._zero = torch.zeros((), device=device)
+        self._towers = {
+            tower: torch.tensor([i for i, (n, _) in enumerate(named) if n.startswith(f"{tower}.")],
+                                dtype=torch.long, device=device)
+            for tower in towers
+        }
 
-    def update(self, value: float) -> tuple[bool, float | None]:
-        """Feed one value; returns (is_spike, ratio to the running median or None while warming up)."""
-        if not math.isfinite(value):
-            return False, None
-        ratio = None
-        if len(self.history) >= max(1, self.window // 2):
-            median = statistics.median(self.history)
-            ratio = value / median if median > 0 else None
-        self.history.append(value)
-        return (ratio is not None and ratio > self.threshold), ratio
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = deque(state["history"], maxlen=self.window)
+    @torch.no_grad()
+    def __call__(self) -> dict[str, torch.Tensor]:
+        """{"grad_norm", "grad_norm_<tower>"...} as 0-d tensors (a missing gradient counts as 0)."""
+        grads = [self._zero if p.grad is None else p.grad for p in self.params]
+        squares = torch.stack(torch._foreach_norm(grads)).square()
+        norms = {"grad_norm": squares.sum().sqrt()}
+        for tower, index in self._towers.items():
+            norms[f"grad_norm_{tower}"] = squares.index_select(0, index).sum().sqrt()
+        return norms
 
 
-def norm(tensors: list[torch.Tensor]) -> float:
-    """The global L2 norm of a list of tensors (0 for an empty list)."""
-    if not tensors:
-        return 0.0
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])).item()
+class UpdateNorm:
+    """The norm of the change one optimizer step makes, and the parameter norm after it.
+
+    `snapshot()` before the step copies the parameters into buffers allocated once; `measure()`
+    after it differences them, both with foreach ops.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        self.params = list(params)
+        self.before = [torch.empty_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        torch._foreach_copy_(self.before, self.params)
+
+    @torch.no_grad()
+    def measure(self) -> dict[str, torch.Tensor]:
+        """{"update_norm", "param_norm"} as 0-d tensors."""
+        return {
+            "update_norm": global_norm(torch._foreach_sub(self.params, self.before)),
+            "param_norm": global_norm(self.params),
+        }
 
 
 @torch.no_grad()
 def logit_means(
     image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
     bias: torch.Tensor | None,
-) -> tuple[float, float]:
-    """Mean positive (diagonal) and negative (off-diagonal) logit t·xᵢ·yⱼ + b, without the B×B matrix.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean positive (diagonal) and negative (off-diagonal) logit t·xᵢ·yⱼ + b, as 0-d tensors,
+    without the B×B matrix.
 
     The sum of all logits factorises: Σᵢⱼ xᵢ·yⱼ = (Σᵢ xᵢ)·(Σⱼ yⱼ), so this costs O(B·D).
     """
     batch = image_features.shape[0]
-    b = 0.0 if bias is None else bias.item()
-    t = scale.item()
-    diagonal = (image_features * text_features).sum().item()
-    total = (image_features.sum(0) @ text_features.sum(0)).item()
-    positive = t * diagonal / batch + b
-    negative = t * (total - diagonal) / max(1, batch * batch - batch) + b
+    diagonal = (image_features * text_features).sum()
+    total = image_features.sum(0) @ text_features.sum(0)
+    positive = scale * diagonal / batch
+    negative = scale * (total - diagonal) / max(1, batch * batch - batch)
+    if bias is not None:
+        positive, negative = positive + bias, negative + bias
     return positive, negative
 
 
-@torch.no_grad()
-def adam_staleness(optimizer: torch.optim.Optimizer) -> float | None:
-    """max over parameter tensors of RMS(g² / v̂), with v̂ Adam's bias-corrected second moment
-    *before* this step's update.
+class SpikeDetector:
+    """Flags a value above `threshold` × the running median of the previous `window` values.
 
-    Wortsman et al. 2023 ("Stable and low-precision training for large-scale vision-language
-    models", §3.4) find loss spikes follow this going far above 1 a few steps earlier: the
-    second-moment estimate is stale (too small) for the gradient it is about to scale. None on the
-    first step, when there is no estimate yet.
+    SigLIP §4.4 traces large-batch degradation to gradient-norm spikes, and Wortsman et al. 2023
+    (§3.4) study loss spikes; a ratio to a running median is scale-free (it means the same at
+    every batch size and LR) and robust to the spikes themselves. The median is
+    `statistics.median`'s (the mean of the two middle values for an even count).
+
+    On the device: the history is a ring buffer tensor and the ratio and flag are 0-d tensors.
+    How many values have been fed is a Python int, so the warm-up needs no sync: while fewer than
+    `window // 2` have been seen the ratio is NaN (the noisy first steps are not judged). A
+    non-finite value never raises, has ratio NaN and is no spike (divergence handles it); the
+    trial stops at it, so what it leaves in the history does not matter.
     """
-    worst: float | None = None
-    for group in optimizer.param_groups:
-        beta2 = group["betas"][1]
-        for param in group["params"]:
-            state = optimizer.state.get(param)
-            if param.grad is None or not state or "exp_avg_sq" not in state:
-                continue
-            step = float(state["step"])
-            v_hat = state["exp_avg_sq"] / (1 - beta2**step)
-            rms = (param.grad.square() / (v_hat + group["eps"] ** 2)).mean().sqrt().item()
-            worst = rms if worst is None else max(worst, rms)
-    return worst
 
-
-class UpdateNorm:
-    """Norm of the change an optimiser step makes to the parameters (snapshot before, diff after)."""
-
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        self.params = params
-        self.before: list[torch.Tensor] = []
+    def __init__(self, threshold: float, window: int, device: torch.device | str = "cpu") -> None:
+        if window < 1:
+            raise ValueError(f"SpikeDetector window={window}: use at least 1 value")
+        self.threshold = threshold
+        self.window = window
+        self.warmup = max(1, window // 2)
+        self.history = torch.full((window,), math.nan, dtype=torch.float64, device=device)
+        self.count = 0
+        self._nan = torch.full((), math.nan, dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def snapshot(self) -> None:
-        self.before = [p.detach().clone() for p in self.params]
+    def update(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one 0-d value; returns (is_spike: bool, ratio to the running median: float64,
+        NaN while warming up or when the median is not positive)."""
+        value = value.detach().to(torch.float64)
+        seen = min(self.count, self.window)
+        if self.count >= self.warmup:
+            ordered = torch.sort(self.history[:seen]).values
+            median = (ordered[(seen - 1) // 2] + ordered[seen // 2]) / 2
+            usable = (median > 0) & torch.isfinite(value)
+            ratio = torch.where(usable, value / median, self._nan)
+        else:
+            ratio = self._nan.clone()
+        self.history[self.count % self.window] = value
+        self.count += 1
+        return ratio > self.threshold, ratio
 
     @torch.no_grad()
-    def measure(self) -> float:
-        return norm([p.detach() - b for p, b in zip(self.params, self.before)])
+    def update_many(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed a whole series at once: the flags and ratios `update` would give value by value.
+
+        For histories made offline (synthetic runs, benchmarks), where 10⁴ steps one call each
+        would take seconds: every value's window of predecessors is one row of an unfolded view,
+        sorted together.
+        """
+        values = values.detach().to(self.history.device, torch.float64).flatten()
+        n, window = values.numel(), self.window
+        if n == 0:
+            return values > self.threshold, values
+        seen = min(self.count, window)
+        past = (self.history.roll(-(self.count % window)) if self.count >= window
+                else self.history[:seen])
+        # window NaNs in front, so the predecessors of value j are row seen + j of the unfold.
+        series = torch.cat([self.history.new_full((window,), math.nan), past, values])
+        windows = series.unfold(0, window, 1)[seen:seen + n]
+        counts = (torch.arange(n, device=values.device) + self.count).clamp(max=window)
+        ordered = windows.sort(dim=1).values  # the NaN padding sorts last, after the counts values
+        low = ordered.gather(1, ((counts - 1) // 2).clamp(min=0).unsqueeze(1)).squeeze(1)
+        high = ordered.gather(1, (counts // 2).clamp(max=window - 1).unsqueeze(1)).squeeze(1)
+        median = (low + high) / 2
+        usable = (counts >= self.warmup) & (median > 0) & torch.isfinite(values)
+        ratio = torch.where(usable, values / median, self._nan)
+        kept = min(self.count + n, window)
+        slots = torch.arange(self.count + n - kept, self.count + n, device=values.device) % window
+        self.history.index_copy_(0, slots, series[-kept:])
+        self.count += n
+        return ratio > self.threshold, ratio
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and ints: torch.load(weights_only=True) reads it back."""
+        return {"history": self.history.clone(), "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        history = state["history"]
+        if isinstance(history, list):
+            # A checkpoint of an earlier version: the last ≤ window values, oldest first. In ring
+            # slots 0…n−1 with count n, the next value overwrites the oldest, as it should.
+            self.history.fill_(math.nan)
+            self.history[:len(history)] = torch.tensor(history, dtype=torch.float64)
+            self.count = len(history)
+            return
+        if tuple(history.shape) != (self.window,):
+            raise ValueError(
+                f"spike detector state holds {tuple(history.shape)} values but this detector's "
+                f"window is {self.window}: resume with the monitor window the trial started with"
+            )
+        self.history.copy_(history)
+        self.count = int(state["count"])
+
+
+class UpdateRMS:
+    """The per-tensor update RMS of Wortsman et al. 2023 (§3.4), summarised for the step row.
+
+    RMS_t = sqrt(mean(g_t² / u_t)) per parameter tensor (see `optim.update_rms`); loss spikes
+    follow it rising far above 1 in a few layers, the patch embedding first. With StableAdamW the
+    optimizer computes it anyway (`last_rms`); with torch's AdamW this monitor computes it from
+    the optimizer's state in a step pre-hook, so in both cases it is the RMS of the step about to
+    be taken, from the (clipped) gradients that step uses. Call `read()` after
+    `optimizer.step()`.
+
+    `names` lists the optimizer's parameters in param_groups order; `rms_max_index` indexes it.
+    Parameters are found by name in `model.named_parameters()`: the patch embedding is
+    `patch_embed`, the logit scale `log_scale` and the sigmoid bias `bias`; a figure whose
+    parameter is absent or frozen (softmax has no bias; t may be fixed) is left out of the row.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 patch_embed: str = PATCH_EMBED) -> None:
+        by_id = {id(p): name for name, p in model.named_parameters()}
+        if patch_embed not in by_id.values():
+            raise ValueError(
+                f"UpdateRMS: the model has no parameter named {patch_embed!r} for the patch "
+                f"embedding; pass patch_embed= one of {sorted(by_id.values())}"
+            )
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.names = [by_id[id(p)] for p in params]
+        self.optimizer = optimizer
+        device = params[0].device
+        position = {name: i for i, name in enumerate(self.names)}
+        self._matrices = torch.tensor([i for i, p in enumerate(params) if p.ndim >= 2],
+                                      dtype=torch.long, device=device)
+        self._single = {column: position[name] for column, name in (
+            ("rms_patch_embed", patch_embed), ("rms_temperature", "log_scale"), ("rms_bias", "bias"),
+        ) if name in position}
+        self._nan = torch.full((), math.nan, device=device)
+        self._per_tensor: torch.Tensor | None = None
+        if not isinstance(optimizer, StableAdamW):
+            optimizer.register_step_pre_hook(self._before_step)
+
+    @torch.no_grad()
+    def _before_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        per_param: list[torch.Tensor] = []
+        for group in optimizer.param_groups:
+            beta2, eps = group["betas"][1], group["eps"]
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            states = [optimizer.state.get(p) or {} for p in with_grad]
+            # Before the first step there is no state: v_0 = 0 and t − 1 = 0.
+            exp_avg_sqs = [s["exp_avg_sq"] if s else torch.zeros_like(p)
+                           for s, p in zip(states, with_grad)]
+            steps = [s["step"] if s else p.new_zeros(()) for s, p in zip(states, with_grad)]
+            values = iter(update_rms([p.grad for p in with_grad], exp_avg_sqs, steps, beta2, eps)
+                          if with_grad else [])
+            per_param.extend(next(values) if p.grad is not None else self._nan
+                             for p in group["params"])
+        self._per_tensor = torch.stack(per_param)
+
+    def per_tensor(self) -> torch.Tensor:
+        """RMS_t of every parameter tensor of the last step, in `names` order."""
+        rms = self.optimizer.last_rms if isinstance(self.optimizer, StableAdamW) else self._per_tensor
+        if rms is None:
+            raise RuntimeError("UpdateRMS.read() before any optimizer.step(): call it after the step")
+        return rms
+
+    def read(self) -> dict[str, torch.Tensor]:
+        """rms_max (over weight matrices, ndim ≥ 2), rms_max_index (into `names`),
+        rms_patch_embed, rms_temperature, rms_bias: 0-d tensors."""
+        rms = self.per_tensor()
+        matrices = rms.index_select(0, self._matrices)
+        # index_select, not [argmax]: indexing with a 0-d tensor would read it on the host.
+        row = {"rms_max": matrices.max(),
+               "rms_max_index": self._matrices.index_select(0, matrices.argmax().view(1))[0]}
+        row.update({column: rms[i] for column, i in self._single.items()})
+        return row

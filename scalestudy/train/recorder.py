@@ -1,63 +1,85 @@
 """Per-step metrics kept where they are computed, and brought to the host once per flush.
 
 On a GPU every `.item()` is a device→host synchronisation that stops the CPU from queueing the next
-step's kernels. So a step's metrics stay 0-d tensors on the device; the recorder stacks each step's
-into one vector, and `drain()` copies every pending step's vector to the host in one transfer. The
-non-finite check happens there too: the first step whose loss or gradient norm is not finite ends
-the trial as diverged. Until the host sees it, the optimizer has been skipping every update on the
-device since that step (scalestudy.train.loop gates `optimizer.found_inf` with a sticky flag), so
-the model the trial evaluates at the end is the model from before the bad step.
+step's kernels. So a step's metrics stay 0-d tensors on the device; `DeviceRows` stacks each
+step's into one vector, and `drain()` copies every pending step's vector to the host in one
+transfer. The non-finite check happens there too (`first_bad`): the first step whose loss or
+gradient norm is not finite ends the trial as diverged. Until the host sees it, the optimizer has
+been skipping every update on the device since that step (`optim.NonFiniteGate` through
+`optimizer.found_inf`), so the model the trial evaluates at the end is the one from before it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-# Per-step columns that are flags, not numbers.
-FLAGS = frozenset({"is_spike", "is_loss_spike"})
+# Row columns the host turns from their stacked float form back into what they are.
+BOOL_COLUMNS = frozenset({"is_spike", "is_loss_spike"})
+NULL_IF_NAN = frozenset({"spike_ratio", "loss_spike_ratio", "rms_bias", "rms_temperature"})
 # A step is bad when one of these is not finite.
 MUST_BE_FINITE = ("loss", "grad_norm")
 
 
-@dataclass
-class StepRecorder:
-    host: list[dict[str, Any]] = field(default_factory=list)
-    device: list[tuple[tuple[str, ...], torch.Tensor]] = field(default_factory=list)
+class DeviceRows:
+    """Per-step rows whose values are device tensors, copied to the host once per flush.
 
-    def add(self, host: dict[str, Any], device: dict[str, torch.Tensor]) -> None:
-        """One step: `host` values (step, lr, …) as they are; `device` 0-d tensors, stacked now
-        (one small kernel) and copied later."""
-        keys = tuple(device)
-        values = torch.stack([v.detach().reshape(()).to(torch.float64) for v in device.values()]) \
-            if keys else torch.zeros(0, dtype=torch.float64)
-        self.host.append(host)
-        self.device.append((keys, values))
+    `append` stacks a step's tensors into one float64 vector on the device (exact for the flags
+    and indices too) and keeps its host values (step, lr, …) beside it; `drain` stacks the
+    pending steps and copies them in one transfer, then restores the column types: `is_*` flags
+    to bool, a NaN spike ratio (warm-up) to None, and `rms_max_index` to the parameter's name as
+    `rms_max_name`.
+    """
+
+    def __init__(self, param_names: Sequence[str] = ()) -> None:
+        self.param_names = list(param_names)
+        self._host: list[dict[str, Any]] = []
+        self._device: list[torch.Tensor] = []
+        self._columns: list[str] | None = None
 
     def __len__(self) -> int:
-        return len(self.host)
+        return len(self._host)
 
-    def drain(self) -> tuple[list[dict[str, Any]], int | None]:
-        """The pending rows as host values, and the index of the first bad row (None if none).
+    def append(self, host: Mapping[str, Any], device: Mapping[str, torch.Tensor]) -> None:
+        columns = list(device)
+        if self._columns is None:
+            self._columns = columns
+        elif columns != self._columns:
+            raise ValueError(f"step row columns changed from {self._columns} to {columns}")
+        self._host.append(dict(host))
+        self._device.append(torch.stack([v.detach().reshape(()).to(torch.float64)
+                                         for v in device.values()]))
 
-        Rows after a bad one are dropped: the trial stopped there (its later updates were skipped).
-        """
-        if not self.host:
-            return [], None
-        # One device→host copy for every pending step (all steps of a trial share their keys).
-        matrix = torch.stack([values for _, values in self.device]).cpu().tolist()
+    def drain(self) -> list[dict[str, Any]]:
+        """The pending rows as plain Python values (one device→host copy), oldest first."""
+        if not self._host:
+            return []
+        assert self._columns is not None
+        values = torch.stack(self._device).tolist()
         rows = []
-        bad = None
-        for i, (host, (keys, _), values) in enumerate(zip(self.host, self.device, matrix)):
+        for host, vector in zip(self._host, values):
             row = dict(host)
-            for key, value in zip(keys, values):
-                row[key] = bool(value) if key in FLAGS else (value if math.isfinite(value) or key in MUST_BE_FINITE else None)
+            for column, value in zip(self._columns, vector):
+                if column in BOOL_COLUMNS:
+                    row[column] = bool(value)
+                elif column in NULL_IF_NAN and math.isnan(value):
+                    row[column] = None
+                elif column == "rms_max_index":
+                    row["rms_max_name"] = self.param_names[int(value)] if math.isfinite(value) else None
+                else:
+                    row[column] = value
             rows.append(row)
-            if bad is None and not all(math.isfinite(row.get(k, 0.0)) for k in MUST_BE_FINITE):
-                bad = i
-                break
-        self.host, self.device = [], []
-        return rows, bad
+        self._host.clear()
+        self._device.clear()
+        return rows
+
+
+def first_bad(rows: Sequence[Mapping[str, Any]]) -> int | None:
+    """The index of the first row whose loss or gradient norm is not finite, or None."""
+    for i, row in enumerate(rows):
+        if not all(math.isfinite(row.get(column, 0.0)) for column in MUST_BE_FINITE):
+            return i
+    return None

@@ -5,7 +5,7 @@
 
 const POLL_MS = 2000;
 const FINAL = new Set(["done", "diverged"]); // trials whose steps can no longer change
-const PLOT_COLUMNS = ["step", "grad_norm", "is_spike", "spike_ratio", "loss", "temperature", "bias", "adam_staleness"];
+const PLOT_COLUMNS = ["step", "grad_norm", "is_spike", "spike_ratio", "loss", "temperature", "bias", "rms_max"];
 const RUN_COLUMNS = [...PLOT_COLUMNS, "grad_norm_image", "grad_norm_text", "lr", "update_norm", "param_norm",
   "logit_pos_mean", "logit_neg_mean"];
 const DEFAULT_TRACES = 20; // instability view without a selection: the trials with most spikes
@@ -291,7 +291,7 @@ class InstabilityView {
       return plot;
     });
     for (const [column, title, log] of [["loss", "loss", false], ["temperature", "temperature t (logit scale)", false],
-      ["bias", "bias b", false], ["adam_staleness", "Adam staleness: RMS(g² / v̂)", true]]) {
+      ["bias", "bias b", false], ["rms_max", "update RMS: max over matrices of RMS(g² / v̂)", true]]) {
       if (!this.traces.some((t) => t.has(column) && t.cols[column].subarray(0, t.n).some(Number.isFinite))) continue;
       new Plot(plots, axis, { title, log, height: 120, tooltip }).setSeries(series(this.traces, column));
     }
@@ -352,7 +352,7 @@ class RunView {
     panel("learning rate", false, [["lr", "lr"]]);
     panel("temperature t (logit scale)", false, [["temperature", "t"]]);
     panel("bias b", false, [["bias", "b"]]);
-    panel("Adam staleness: RMS(g² / v̂)", true, [["adam_staleness", "staleness"]]);
+    panel("update RMS: max over matrices of RMS(g² / v̂)", true, [["rms_max", "update RMS"]]);
     panel("parameter and update norms", true, [["param_norm", "parameters"], ["update_norm", "update"]]);
     panel("mean logits", false, [["logit_pos_mean", "positive pairs"], ["logit_neg_mean", "negative pairs"]]);
     if (this.trace.problem) plots.innerHTML = `<div class="notice flag">${escapeHtml(this.trace.problem)}</div>`;

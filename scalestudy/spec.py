@@ -442,7 +442,7 @@ class TrialConfig(Spec):
         if self.train.device == "cuda" and self.resources.gpus == 0:
             raise ValueError(
                 "train.device=cuda but resources.gpus=0: a trial only gets the GPUs it asks for; "
-                "set resources.gpus ≥ 1, or train.device=auto or cpu"
+                "set resources.gpus > 0 (a share such as 0.5 will do), or train.device=auto or cpu"
             )
         return self
 

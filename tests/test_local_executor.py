@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import pytest
 from hypothesis import given, settings
@@ -261,7 +262,7 @@ class TrialProcesses:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
-    def __enter__(self) -> TrialProcesses:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

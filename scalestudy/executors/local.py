@@ -72,7 +72,7 @@ def machine_gpus(environ: Mapping[str, str]) -> tuple[list[str], str]:
         value = environ["CUDA_VISIBLE_DEVICES"]
         return parse_visible_devices(value), f"CUDA_VISIBLE_DEVICES={value!r}"
     try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False,
                                  timeout=NVIDIA_SMI_TIMEOUT_S)
     except FileNotFoundError:
         return [], "no nvidia-smi on PATH and CUDA_VISIBLE_DEVICES unset"

@@ -186,25 +186,34 @@ class ArrayPlan:
         return [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in shown.items()]
 
 
-def plan_arrays(
-    trials: list[Trial], settings: SlurmExecutorSpec, max_array_size: int
-) -> list[ArrayPlan]:
-    """Group trials by the resources they need (study order kept within a group), then split each
-    group into arrays of at most `max_array_size` tasks (indices 0..MaxArraySize−1)."""
+def by_resources(trials: list[Trial]) -> list[list[Trial]]:
+    """The trials grouped by the Slurm resources they need, study order kept within a group."""
 
     def need(trial: Trial) -> tuple[int, float, int]:
         r = trial.config.resources
         return r.cpus, r.gpus, r.workers
 
-    groups = [list(group) for _, group in groupby(sorted(trials, key=need), key=need)]
-    # Every problem at once, before anything is submitted.
-    problems = [f"{problem} (trials {_trial_list(members)})"
-                for members in groups
-                if (problem := resource_problem(members[0].config.resources, settings))]
+    return [list(group) for _, group in groupby(sorted(trials, key=need), key=need)]
+
+
+def check_resources(trials: list[Trial], settings: SlurmExecutorSpec) -> None:
+    """SpecError listing every group of trials that Slurm cannot run as asked
+    (`resource_problem`): `validate`, `plan` and `run` fail before anything is submitted."""
+    problems = [f"{problem} (trials {_trial_list(group)})"
+                for group in by_resources(trials)
+                if (problem := resource_problem(group[0].config.resources, settings))]
     if problems:
         raise SpecError("\n".join(problems))
+
+
+def plan_arrays(
+    trials: list[Trial], settings: SlurmExecutorSpec, max_array_size: int
+) -> list[ArrayPlan]:
+    """Group trials by the resources they need (study order kept within a group), then split each
+    group into arrays of at most `max_array_size` tasks (indices 0..MaxArraySize−1)."""
+    check_resources(trials, settings)
     arrays = []
-    for members in groups:
+    for members in by_resources(trials):
         parameters = job_parameters(members[0].config.resources, settings)
         for start in range(0, len(members), max_array_size):
             arrays.append(ArrayPlan(parameters, members[start:start + max_array_size]))

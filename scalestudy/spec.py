@@ -10,9 +10,9 @@ files exist is `scalestudy.preflight`'s question, and Slurm profiles are read by
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from scalestudy.datafiles import absolute
 from scalestudy.train.shapes_vocab import CLASSES, COLOURS, MAX_HOLDOUT_PAIRS, SHAPES
@@ -377,20 +377,65 @@ class MonitorSpec(Spec):
 
 
 class ResourcesSpec(Spec):
+    # Shares of one GPU that a fractional `gpus` is counted in: Ray's resource precision (0.0001;
+    # `ray.remote(num_gpus=…)` refuses less), which the local executor's GPU pool uses too.
+    GPU_SHARES: ClassVar[int] = 10_000
+
     cpus: PositiveInt = Field(
         1, description="CPU cores per trial, shared by its ranks; torch threads = cpus // ranks."
     )
-    gpus: int = Field(
-        0, ge=0, description="GPUs per trial; more than one runs data-parallel, one rank per GPU (NCCL)."
+    gpus: float = Field(
+        0,
+        ge=0,
+        description="GPUs per trial. A whole number: that many GPUs of its own; more than one runs "
+        "data-parallel, one rank per GPU (NCCL). A fraction below 1 (e.g. 0.25): one rank on a "
+        "share of one GPU that other fractional trials share too (local and Ray executors; Slurm "
+        "gives each job whole GPUs). A share is a scheduling promise, not a memory limit.",
     )
     workers: PositiveInt = Field(
         1, description="Data-parallel CPU ranks (gloo) when gpus is 0; the global batch is split."
     )
 
+    @field_validator("gpus")
+    @classmethod
+    def _whole_above_one(cls, gpus: float) -> float:
+        if gpus == int(gpus):
+            return int(gpus)  # whole GPUs count as an int (ranks, nodes, --gpus-per-node)
+        if gpus > 1:
+            raise ValueError(
+                f"resources.gpus={gpus:g}: above 1 it must be a whole number (one data-parallel "
+                f"rank per GPU); use {int(gpus)} or {int(gpus) + 1}, or a fraction below 1 to "
+                "share one GPU with other trials"
+            )
+        if round(gpus * cls.GPU_SHARES) < 1:
+            raise ValueError(
+                f"resources.gpus={gpus:g} is below the smallest GPU share, {1 / cls.GPU_SHARES:g} "
+                "(Ray's resource precision); ask for at least that, or 0 for a CPU trial"
+            )
+        return gpus
+
+    @field_serializer("gpus")
+    def _whole_gpus_as_int(self, gpus: float) -> int | float:
+        # So config.json, study.yaml and `plan --json` say 2, never 2.0.
+        return int(gpus) if gpus == int(gpus) else gpus
+
+    @model_validator(mode="after")
+    def _one_rank_on_a_gpu_share(self) -> ResourcesSpec:
+        if 0 < self.gpus < 1 and self.workers > 1:
+            raise ValueError(
+                f"resources.gpus={self.gpus:g} runs one rank on a share of one GPU, so "
+                f"resources.workers={self.workers} cannot apply (data-parallel ranks need a GPU "
+                "each: NCCL refuses two ranks on one GPU); remove resources.workers, or ask for "
+                "resources.gpus ≥ 2 to run data-parallel on GPUs"
+            )
+        return self
+
     @property
     def world_size(self) -> int:
-        """Data-parallel ranks: one per GPU, else resources.workers."""
-        return self.gpus if self.gpus > 0 else self.workers
+        """Data-parallel ranks: one per whole GPU, one on a GPU share, else resources.workers."""
+        if self.gpus >= 1:
+            return int(self.gpus)
+        return 1 if self.gpus > 0 else self.workers
 
 
 class TrialConfig(Spec):
@@ -421,7 +466,7 @@ class TrialConfig(Spec):
         if self.train.device == "cuda" and self.resources.gpus == 0:
             raise ValueError(
                 "train.device=cuda but resources.gpus=0: a trial only gets the GPUs it asks for; "
-                "set resources.gpus ≥ 1, or train.device=auto or cpu"
+                "set resources.gpus > 0 (a share such as 0.5 will do), or train.device=auto or cpu"
             )
         return self
 

@@ -97,8 +97,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     hidden = tmp_path_factory.mktemp("not-shared") if can_hide_a_directory() else None
     port, client_port, dashboard_port = free_ports(3)
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    # --num-gpus=1: a GPU Ray only counts (the machine need not have one); trials that ask for
+    # GPU shares are scheduled onto it, see CUDA_VISIBLE_DEVICES=0 and train on the CPU.
     command = [str(RAY), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-               "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+               "--num-cpus=2", "--num-gpus=1", "--include-dashboard=false", "--disable-usage-stats",
                f"--temp-dir={temp_dir}", f"--ray-client-server-port={client_port}",
                f"--dashboard-port={dashboard_port}", "--block"]
     if hidden is not None:
@@ -206,6 +208,12 @@ def test_a_trial_no_node_can_hold_is_named_before_anything_runs(write_study):
     assert unfit_trials(trials, [{"Resources": {"CPU": 8.0, "GPU": 1.0}}]) == []
 
 
+def test_a_gpu_share_fits_a_node_with_a_gpu_and_no_node_without_one(write_study):
+    trials = expand(load_study(write_study(tiny_study(base={"resources": {"gpus": 0.25}}))))
+    assert unfit_trials(trials, [{"Resources": {"CPU": 8.0, "GPU": 1.0}}]) == []
+    assert "resources.gpus=0.25" in unfit_trials(trials, [{"Resources": {"CPU": 8.0}}])[0]
+
+
 @pytest.mark.parametrize("address", ["ray://10.0.0.5:10001", "10.0.0.5", "head node:6379"])
 def test_an_address_that_is_not_local_auto_or_host_port_is_rejected_naming_the_key(
     write_study, address
@@ -254,6 +262,10 @@ def test_a_study_on_a_private_ray_matches_the_local_executor(tmp_path):
                            local.trial(tid).metrics().drop("step_time_s"), rel_tol=1e-5)
         assert_frame_equal(on_ray.trial(tid).evals(), local.trial(tid).evals(), rel_tol=1e-5)
     assert pl.read_parquet(on_ray.results_path)["status"].to_list() == ["done", "done"]
+    for tid in on_ray.trial_ids():  # a CPU trial sees no GPU, whatever its Ray worker sees
+        assert on_ray.trial(tid).log_path.read_text().startswith("scalestudy: ray trial process")
+        assert on_ray.trial(tid).log_path.read_text().splitlines()[0].endswith(
+            "OMP_NUM_THREADS=1, CUDA_VISIBLE_DEVICES=")
 
 
 @pytest.mark.ray
@@ -276,6 +288,25 @@ def test_a_two_worker_trial_on_ray_matches_its_single_process_twin(ray_head, tmp
     assert_frame_equal(on_ray.trial(tid).metrics().select(columns),
                        single.trial(tid).metrics().select(columns), rel_tol=1e-4, abs_tol=1e-6)
     assert on_ray.trial(tid).evals()["step"].to_list() == [4, 8]
+
+
+@pytest.mark.ray
+def test_two_half_gpu_trials_share_the_clusters_one_gpu_at_the_same_time(ray_head, tmp_path):
+    study = tiny_study("halves", base={**LONG, "resources": {"cpus": 1, "gpus": 0.5}})
+    path = write(tmp_path / "study.yaml", study)
+
+    code, output = finish(scalestudy(["run", str(path), "--executor", "ray", "--address",
+                                      ray_head.address, "--out", str(tmp_path)], ray_head.env))
+
+    assert code == 0, output
+    store = RunStore(tmp_path / "halves")
+    first, second = (store.trial(tid).state() for tid in store.trial_ids())
+    assert (first.status, second.status) == ("done", "done")
+    # One GPU, two trials of half of it: they ran at once, not one after the other.
+    assert first.started_at < second.finished_at and second.started_at < first.finished_at
+    for tid in store.trial_ids():
+        assert store.trial(tid).log_path.read_text().splitlines()[0].endswith(
+            "OMP_NUM_THREADS=1, CUDA_VISIBLE_DEVICES=0")
 
 
 @pytest.mark.ray

@@ -65,6 +65,48 @@ def test_gpus_that_do_not_fill_whole_nodes_are_refused_with_the_fix():
         job_parameters(ResourcesSpec(gpus=12), SlurmExecutorSpec(gpus_per_node=8))
 
 
+def test_a_gpu_share_cannot_go_to_slurm_and_the_message_names_the_executors_that_can():
+    with pytest.raises(SpecError, match=r"resources.gpus=0.5 is a share of one GPU, but a Slurm job "
+                       r"gets whole GPUs.*--executor local or ray"):
+        job_parameters(ResourcesSpec(gpus=0.5), SlurmExecutorSpec(gpus_per_node=8))
+
+
+def test_several_gpus_need_gpus_per_node_and_the_message_names_the_profiles_that_set_it():
+    with pytest.raises(SpecError, match=r"resources.gpus=2 needs executor.slurm.gpus_per_node.*"
+                       r"--set executor.slurm.gpus_per_node=N.*gpu-a100 \(8 per node\), local "
+                       r"\(2 per node\)"):
+        job_parameters(ResourcesSpec(gpus=2), SlurmExecutorSpec())
+    # One GPU always fits one node: nothing to know about the cluster.
+    assert job_parameters(ResourcesSpec(gpus=1), SlurmExecutorSpec())["gpus_per_node"] == 1
+
+
+def test_plan_lists_every_trial_slurm_cannot_run_before_anything_is_submitted(write_study, capsys):
+    study = tiny_study(**SLURM)
+    study["sweep"] = {"zip": {"train.seed": [0, 1, 2], "resources.gpus": [0.5, 4, 1]}}
+    path = write_study(study)
+    ids = {t.config.train.seed: t.trial_id for t in expand(load_study(path))}
+
+    assert main(["plan", str(path), "--executor", "slurm"]) == 2
+
+    error = capsys.readouterr().err
+    assert re.search(rf"resources.gpus=0.5 is a share of one GPU.*\(trials {ids[0]}\)", error)
+    assert re.search(rf"resources.gpus=4 needs executor.slurm.gpus_per_node.*\(trials {ids[1]}\)",
+                     error)
+    assert ids[2] not in error
+
+
+def test_plan_shows_a_multi_gpu_trial_filling_whole_nodes_of_the_profile(write_study, capsys):
+    path = write_study(tiny_study(base={"resources": {"gpus": 4, "cpus": 8}}))
+
+    assert main(["plan", str(path), "--executor", "slurm",
+                 "--set", "executor.slurm.profile=local"]) == 0
+
+    shown = capsys.readouterr().out
+    assert "--nodes=2 --ntasks-per-node=2 --cpus-per-task=2" in shown
+    assert "--gpus-per-node=2" in shown
+    assert "GPU placement: nodes of executor.slurm.gpus_per_node=2 GPUs" in shown
+
+
 def test_trials_are_grouped_by_resources_and_no_array_exceeds_max_array_size(write_study):
     # Resources are not part of a trial's identity, so each CPU count gets its own seeds.
     trials = [trial for cpus, seeds in ((1, [0, 1, 2]), (2, [3, 4, 5])) for trial in expand(load_study(

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 # The trial entry point's exit statuses (scalestudy.trial).
@@ -38,10 +39,30 @@ def die_with_parent(sig: signal.Signals) -> Callable[[], None]:
     return arm
 
 
+def trial_env(environ: Mapping[str, str], cpus: int, gpus: Sequence[str] | None) -> dict[str, str]:
+    """The trial process's environment: `environ`, with `cpus` torch threads and, unless `gpus` is
+    None, exactly the GPUs `gpus` visible (CUDA_VISIBLE_DEVICES; empty for a CPU trial, so it
+    never touches a GPU it did not ask for).
+
+    OMP_NUM_THREADS is explicit because torch reads it only at its first import, and Ray does not
+    override a value the driver already had. `gpus` is None only where nothing assigns GPUs (a
+    machine without any): the trial then sees what its parent sees.
+    """
+    env = dict(environ, OMP_NUM_THREADS=str(cpus))
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    return env
+
+
 def start_trial(trial_dir: Path | str, backend: str, env: dict[str, str], log: Path,
                 parent_death: signal.Signals, new_session: bool = False) -> subprocess.Popen[bytes]:
-    """Start the trial process, its output appended to `log`."""
+    """Start the trial process, its output appended to `log` after one line that says where it
+    runs and with which threads and GPUs (as the Slurm executor's tasks print theirs)."""
     with open(log, "ab") as out:
+        out.write(f"scalestudy: {backend} trial process on {socket.gethostname()}, OMP_NUM_THREADS="
+                  f"{env.get('OMP_NUM_THREADS')}, CUDA_VISIBLE_DEVICES="
+                  f"{env.get('CUDA_VISIBLE_DEVICES', '(unset)')}\n".encode())
+        out.flush()
         return subprocess.Popen(
             [sys.executable, "-m", "scalestudy.trial", str(trial_dir), "--backend", backend],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=new_session,

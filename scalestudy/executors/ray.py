@@ -2,7 +2,10 @@
 
 `executor.ray.address=local` (the default) starts a private Ray for the run and stops it after;
 `auto` or `HOST:PORT` joins a running cluster. A trial's `resources.cpus` and `resources.gpus`
-become the task's `num_cpus` and `num_gpus`, so Ray packs trials onto the nodes as they fit.
+become the task's `num_cpus` and `num_gpus`, so Ray packs trials onto the nodes as they fit: a
+fraction below 1 shares one GPU with other fractional tasks; a whole number above 1 is one task
+on one node that starts its data-parallel ranks there (scalestudy.train.ranks). The trial process
+sees exactly the GPUs Ray assigned (CUDA_VISIBLE_DEVICES), none for a CPU trial.
 
 Why the task starts the trial as a subprocess instead of calling `run_trial` in the Ray worker:
 - Ray reuses workers across tasks and torch reads OMP_NUM_THREADS only at its first import, so
@@ -63,9 +66,11 @@ def run_trial_process(trial_dir: str) -> int:
     cpus = int(context.get_assigned_resources().get("CPU", 1))
     trial = TrialStore(Path(trial_dir))
     trial.update_state(ray_task_id=context.get_task_id(), ray_node_id=context.get_node_id())
-    # Explicit, because Ray does not override an OMP_NUM_THREADS the driver already had;
-    # CUDA_VISIBLE_DEVICES, which Ray set for this task's GPUs, is inherited from os.environ.
-    env = dict(os.environ, OMP_NUM_THREADS=str(cpus))
+    # The GPUs Ray gave this task (one for a fractional num_gpus, shared with other tasks), set
+    # explicitly: Ray 2.60 leaves a task without GPUs the worker's CUDA_VISIBLE_DEVICES rather
+    # than an empty one (ray-project/ray#54868), and a CPU trial must see no GPU.
+    gpus = [str(gpu) for gpu in context.get_accelerator_ids().get("GPU", [])]
+    env = process.trial_env(os.environ, cpus, gpus)
     # A session of its own: the child's signals come from this task only. SIGKILL when the worker
     # dies: Ray may already retry the trial elsewhere, so it must not go on writing.
     child = process.start_trial(trial_dir, "ray", env, trial.log_path, signal.SIGKILL,

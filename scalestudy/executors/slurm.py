@@ -17,6 +17,11 @@ Every task runs the one trial entry point, `run_trial(trial_dir, backend="slurm"
 - `scalestudy cancel RUN_DIR`: scancel, then each cancelled trial is `failed` with "cancelled" in
   its error. Plain `run` leaves it; `run --retry-failed` resumes it from its last checkpoint.
 
+GPUs: a job gets whole GPUs, one task (rank) per GPU. A trial with more than one needs
+`executor.slurm.gpus_per_node` and fills whole nodes of it; a GPU share (0 < resources.gpus < 1)
+cannot run on Slurm. Both are refused, naming the fix, by `plan` and `run` before anything is
+submitted (`resource_problem`).
+
 submitit's folder is RUN_DIR/slurm: the sbatch script of each array (`<array id>_submission.sh`) and
 one log per task (`<job id>_<rank>_log.out`, stdout and stderr together) are readable there.
 """
@@ -41,6 +46,7 @@ import submitit
 
 from scalestudy.errors import SchedulerError, SpecError
 from scalestudy.executors.base import watch
+from scalestudy.load import profile_dirs, read_slurm_profile
 from scalestudy.spec import ResourcesSpec, SlurmExecutorSpec, StudySpec
 from scalestudy.store import ENDS, RunStore, Status, Trial, TrialStore
 
@@ -75,19 +81,62 @@ CANCEL_WAIT_S = 60.0
 # --- what to submit ------------------------------------------------------------------------------
 
 
+def resource_problem(resources: ResourcesSpec, settings: SlurmExecutorSpec) -> str | None:
+    """Why Slurm cannot run a trial with `resources` as asked (with the fix), or None.
+
+    - A GPU share (0 < resources.gpus < 1): Slurm gives each job whole GPUs.
+    - More than one GPU needs executor.slurm.gpus_per_node: without it the job would ask one node
+      for all of them, which sbatch refuses on any cluster whose nodes have fewer, and only after
+      the arrays before it were submitted. With it, the ranks fill whole nodes.
+    """
+    gpus, per_node = resources.gpus, settings.gpus_per_node
+    if 0 < gpus < 1:
+        return (f"resources.gpus={gpus:g} is a share of one GPU, but a Slurm job gets whole GPUs "
+                "(scalestudy does not use the site-specific shard/mps GRES that share one); ask "
+                "for resources.gpus=1, or run the study with --executor local or ray, which pack "
+                "GPU shares onto one GPU")
+    if gpus > 1 and per_node is None:
+        return (f"resources.gpus={gpus} needs executor.slurm.gpus_per_node, the GPUs of one node "
+                f"of your cluster, to place its {gpus} ranks on whole nodes (without it the job "
+                f"asks one node for all {gpus} GPUs); set it (--set executor.slurm.gpus_per_node=N) "
+                "or pick an executor.slurm.profile that sets it: "
+                f"{profiles_with_gpus_per_node() or 'none found'}")
+    if gpus and per_node and gpus > per_node and gpus % per_node:
+        return (f"resources.gpus={gpus} does not fill whole nodes of executor.slurm.gpus_per_node="
+                f"{per_node}; ask for at most {per_node} GPUs or a multiple of {per_node}")
+    return None
+
+
+def profiles_with_gpus_per_node() -> str:
+    """The profiles that set gpus_per_node (shipped and $SCALESTUDY_SLURM_PROFILES), for messages:
+    `gpu-a100 (8 per node), local (2 per node)`."""
+    names = sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+    found = []
+    for name in names:
+        try:
+            per_node = read_slurm_profile(name).get("gpus_per_node")
+        except SpecError:
+            continue  # a broken profile is reported when a study picks it
+        if per_node:
+            found.append(f"{name} ({per_node} per node)")
+    return ", ".join(found)
+
+
+def _trial_list(trials: list[Trial], shown: int = 3) -> str:
+    ids = ", ".join(t.trial_id for t in trials[:shown])
+    return ids + (f" and {len(trials) - shown} more" if len(trials) > shown else "")
+
+
 def job_parameters(resources: ResourcesSpec, settings: SlurmExecutorSpec) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for one trial: one Slurm task per data-parallel rank."""
+    problem = resource_problem(resources, settings)
+    if problem:
+        raise SpecError(problem)
     ranks = resources.world_size
     nodes = 1
     per_node = settings.gpus_per_node
     if resources.gpus and per_node and resources.gpus > per_node:
-        if resources.gpus % per_node:
-            raise SpecError(
-                f"resources.gpus={resources.gpus} does not fill whole nodes of "
-                f"executor.slurm.gpus_per_node={per_node}; ask for at most {per_node} GPUs or a "
-                f"multiple of {per_node}"
-            )
-        nodes = resources.gpus // per_node
+        nodes = int(resources.gpus) // per_node
     params: dict[str, Any] = {
         "nodes": nodes,
         "ntasks_per_node": ranks // nodes,
@@ -99,7 +148,7 @@ def job_parameters(resources: ResourcesSpec, settings: SlurmExecutorSpec) -> dic
         "stderr_to_stdout": True,  # one log per task: the traceback sits next to the progress
     }
     if resources.gpus:
-        params["gpus_per_node"] = resources.gpus // nodes
+        params["gpus_per_node"] = int(resources.gpus) // nodes
     if settings.mem_gb is not None:
         params["mem"] = f"{math.ceil(settings.mem_gb * 1024)}M"
     for key in ("partition", "account", "qos", "constraint"):
@@ -137,19 +186,34 @@ class ArrayPlan:
         return [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in shown.items()]
 
 
+def by_resources(trials: list[Trial]) -> list[list[Trial]]:
+    """The trials grouped by the Slurm resources they need, study order kept within a group."""
+
+    def need(trial: Trial) -> tuple[int, float, int]:
+        r = trial.config.resources
+        return r.cpus, r.gpus, r.workers
+
+    return [list(group) for _, group in groupby(sorted(trials, key=need), key=need)]
+
+
+def check_resources(trials: list[Trial], settings: SlurmExecutorSpec) -> None:
+    """SpecError listing every group of trials that Slurm cannot run as asked
+    (`resource_problem`): `validate`, `plan` and `run` fail before anything is submitted."""
+    problems = [f"{problem} (trials {_trial_list(group)})"
+                for group in by_resources(trials)
+                if (problem := resource_problem(group[0].config.resources, settings))]
+    if problems:
+        raise SpecError("\n".join(problems))
+
+
 def plan_arrays(
     trials: list[Trial], settings: SlurmExecutorSpec, max_array_size: int
 ) -> list[ArrayPlan]:
     """Group trials by the resources they need (study order kept within a group), then split each
     group into arrays of at most `max_array_size` tasks (indices 0..MaxArraySize−1)."""
-
-    def need(trial: Trial) -> tuple[int, int, int]:
-        r = trial.config.resources
-        return r.cpus, r.gpus, r.workers
-
+    check_resources(trials, settings)
     arrays = []
-    for _, group in groupby(sorted(trials, key=need), key=need):
-        members = list(group)
+    for members in by_resources(trials):
         parameters = job_parameters(members[0].config.resources, settings)
         for start in range(0, len(members), max_array_size):
             arrays.append(ArrayPlan(parameters, members[start:start + max_array_size]))
@@ -173,6 +237,8 @@ def describe(trials: list[Trial], study: StudySpec) -> dict[str, Any]:
         "cpu_hours_max": sum(t.config.resources.cpus for t in trials) * hours,
         "time_min": settings.time_min,
         "max_requeues": settings.max_requeues,
+        "gpus_per_node": settings.gpus_per_node,
+        "gpu_trials": sum(t.config.resources.gpus > 0 for t in trials),
     }
 
 
@@ -182,6 +248,11 @@ def format_description(plan: dict[str, Any]) -> str:
     for i, array in enumerate(plan["arrays"], 1):
         lines.append(f"  array {i}: {len(array['trials'])} trials  {' '.join(array['sbatch'])}")
         lines += [f"    setup: {line}" for line in array["setup"]]
+    if plan["gpu_trials"] and plan["gpus_per_node"]:
+        per_node = plan["gpus_per_node"]
+        lines.append(f"  GPU placement: nodes of executor.slurm.gpus_per_node={per_node} GPUs; a trial "
+                     f"with more resources.gpus runs on resources.gpus / {per_node} whole nodes, "
+                     "one task (rank) per GPU")
     lines.append(
         f"  at most {plan['gpu_hours_max']:.1f} GPU-hours and {plan['cpu_hours_max']:.1f} CPU-hours "
         f"(every trial running to the {plan['time_min']} min limit once; each of up to "

@@ -200,7 +200,8 @@ class TensorBoardSink:
                 old.unlink()
         earlier = any(self.log_dir.glob(EVENT_FILES))
         # purge_step writes a restart marker: readers drop earlier points at or after it. An
-        # attempt that trains no step (resumed at the last one) restarts after its first step.
+        # attempt whose first call is an evaluation or the summary trained no step (it resumed at
+        # the last one), so only what came after that step is stale.
         restart = step if kind == "row" else step + 1
         self.writer = self.make_writer(str(self.log_dir), purge_step=restart if earlier else None)
         if not earlier:

@@ -374,6 +374,23 @@ class MonitorSpec(Spec):
         "t and b) and mean positive/negative logits every step (grad norm, loss and both kinds of "
         "spikes are always on).",
     )
+    sinks: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that mirror each trial (the run directory stays the record): "
+        "tensorboard (RUN_DIR/tensorboard/<trial id>), wandb (project $WANDB_PROJECT or scalestudy, "
+        "group = study name), mlflow (experiment = study name, at $MLFLOW_TRACKING_URI, else MLflow's "
+        "default). Each needs its extra, e.g. pip install 'scalestudy[wandb]'; one that fails warns "
+        "once in the trial's log and the trial goes on.",
+    )
+
+    @field_validator("sinks")
+    @classmethod
+    def _each_sink_once(cls, sinks: list[str]) -> list[str]:
+        repeated = sorted({s for s in sinks if sinks.count(s) > 1})
+        if repeated:
+            raise ValueError(f"monitor.sinks names {', '.join(repeated)} more than once; list each "
+                             "tracker once")
+        return sinks
 
 
 class ResourcesSpec(Spec):

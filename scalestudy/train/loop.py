@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from scalestudy.errors import DivergedError, Preempted
 from scalestudy.losses import sigmoid_loss, softmax_loss
 from scalestudy.sinks import EVAL, SUMMARY, MetricsSink, Sinks
+from scalestudy.sinks.trackers import tracker_sinks
 from scalestudy.store import Status, Trial, TrialStore
 from scalestudy.store.sink import StoreSink
 from scalestudy.train import ranks as rk
@@ -293,7 +294,8 @@ def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Rank
     attempt_start = time.time()
     trainer = Trainer.build(trial, ranks, device)
     leader, distributed = ranks.leader, ranks.world > 1
-    sinks = Sinks([StoreSink(store, derived.steps), *(extra_sinks or [])] if leader else [])
+    sinks = Sinks([StoreSink(store, derived.steps), *(extra_sinks or []),
+                   *tracker_sinks(trial, store.path)] if leader else [])
 
     start, wall_before = 0, 0.0
     checkpoint = store.load_checkpoint()

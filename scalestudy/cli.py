@@ -35,6 +35,13 @@ def _load(args: argparse.Namespace) -> tuple[StudySpec, list[Trial]]:
                          f"{study.executor.kind}; add --executor ray")
     trials = expand(study, str(args.study))
     preflight(trials, str(args.study), axes(study))
+    if study.executor.kind == "slurm":  # what Slurm cannot run is refused before anything is written
+        from scalestudy.executors import get_executor
+
+        get_executor("slurm")
+        from scalestudy.executors.slurm import check_resources
+
+        check_resources(trials, study.executor.slurm)
     return study, trials
 
 
@@ -77,6 +84,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rows = plan_rows(trials)
     slurm = None
     if study.executor.kind == "slurm":
+        from scalestudy.executors import get_executor
+
+        get_executor("slurm")  # a missing [slurm] extra is an exit-2 message, not a traceback
         from scalestudy.executors import slurm as slurm_executor
 
         slurm = slurm_executor.describe(trials, study)

@@ -24,8 +24,9 @@ from scalestudy.store.records import Derived, Trial
 # CLIP §2.5: logit scale initialised to 1/0.07 (and clipped at 100). SigLIP §3.2: t' = log 10, b = −10.
 DEFAULT_TEMPERATURE = {"softmax": 1 / 0.07, "sigmoid": 10.0}
 DEFAULT_SIGMOID_BIAS = -10.0
-# Parts of the config that do not change what a trial computes, so they are not in its id.
-NOT_IDENTITY = {"resources"}
+# Parts of the config that do not change what a trial computes, so they are not in its id: where
+# it runs, and which experiment trackers mirror its metrics.
+NOT_IDENTITY = ("resources", "monitor.sinks")
 _MISSING = object()
 
 
@@ -56,8 +57,29 @@ def identity(config: TrialConfig) -> dict[str, Any]:
     give the same id to a different computation; `run` guards against that by comparing each
     stored trial's full config with the new one (scalestudy.reconcile).
     """
-    values = {k: v for k, v in config.model_dump(mode="json").items() if k not in NOT_IDENTITY}
-    return _non_default(values, defaults(type(config)))
+    return _non_default(without_identityless(config.model_dump(mode="json")),
+                        defaults(type(config)))
+
+
+def in_identity(dotted: str) -> bool:
+    """Whether a dotted config key is part of a trial's identity."""
+    return not any(dotted == key or dotted.startswith(key + ".") for key in NOT_IDENTITY)
+
+
+def without_identityless(values: dict[str, Any]) -> dict[str, Any]:
+    """A config dump without the NOT_IDENTITY keys (the dicts on their paths copied)."""
+    out = dict(values)
+    for key in NOT_IDENTITY:
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                break
+            node[part] = dict(node[part])
+            node = node[part]
+        else:
+            node.pop(leaf, None)
+    return out
 
 
 def trial_id(config: TrialConfig) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scalestudy.errors import ConfigChanged
-from scalestudy.expand import NOT_IDENTITY, defaults, trial_id
+from scalestudy.expand import defaults, in_identity, trial_id
 from scalestudy.spec import TrialConfig
 from scalestudy.store import RunStore, Status, Trial, flatten
 
@@ -50,10 +50,8 @@ def differences(stored: dict[str, Any], trial: Trial) -> list[Change]:
         ("", stored.get("config") or {}, trial.config.model_dump(mode="json")),
         ("derived.", stored.get("derived") or {}, trial.derived.model_dump(mode="json")),
     ):
-        old_flat = {k: v for k, v in flatten(old, section).items()
-                    if k.split(".")[0] not in NOT_IDENTITY}
-        new_flat = {k: v for k, v in flatten(new, section).items()
-                    if k.split(".")[0] not in NOT_IDENTITY}
+        old_flat = {k: v for k, v in flatten(old, section).items() if in_identity(k)}
+        new_flat = {k: v for k, v in flatten(new, section).items() if in_identity(k)}
         for key in sorted(old_flat.keys() | new_flat.keys()):
             before, after = old_flat.get(key, ABSENT), new_flat.get(key, ABSENT)
             if before == after:

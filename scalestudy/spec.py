@@ -336,7 +336,7 @@ class TrainSpec(Spec):
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
-        description="auto: CUDA when the trial has GPUs (resources.gpus ≥ 1) and torch sees them, "
+        description="auto: CUDA when the trial has GPUs (resources.gpus > 0) and torch sees them, "
         "else the CPU; cpu: always the CPU; cuda: the trial's GPUs, an error without them.",
     )
 
@@ -543,7 +543,8 @@ class LocalExecutorSpec(Spec):
     max_parallel: int | None = Field(
         None,
         ge=1,
-        description="Trials run at once; default: CPU cores // resources.cpus (at least 1).",
+        description="Trials run at once; default: CPU cores // resources.cpus (at least 1). "
+        "Trials with resources.gpus also wait for free GPUs of the machine's pool.",
     )
 
 

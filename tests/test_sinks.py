@@ -321,8 +321,6 @@ def test_monitor_sinks_default_to_none_and_reject_unknown_or_repeated_trackers(w
         load_study(write_study(with_sinks(["wandb", "mlflow", "wandb"])))
 
 
-@pytest.mark.xfail(strict=True, reason="needs monitor.sinks out of the trial identity "
-                   "(scalestudy.expand.NOT_IDENTITY and scalestudy.reconcile.differences)")
 def test_turning_a_tracker_on_keeps_every_trial_id_and_changes_no_stored_trial(write_study):
     plain = expand(load_study(write_study(tiny_study(), "plain.yaml")))
     tracked = expand(load_study(write_study(with_sinks(ALL), "tracked.yaml")))

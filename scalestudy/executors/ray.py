@@ -199,7 +199,7 @@ def storage_problem(address: str, answer: dict[str, Any], run_dir: Path) -> str 
                 "storage")
     if not answer["scalestudy"]:
         return (f"{where}: scalestudy is not importable by the workers' Python "
-                f"({answer['python']}); install it there (pip install -e <this repository>)")
+                f"({answer['python']}); install it there (pip install -e '<this repository>[ray]')")
     return None
 
 

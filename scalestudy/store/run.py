@@ -12,6 +12,7 @@ Layout (README "The results store")::
     RUN_DIR/trials/<id>/summary.json    the trial's final figures
     RUN_DIR/trials/<id>/checkpoint.pt   model + optimiser + monitors + RNG, for resume
     RUN_DIR/trials/<id>/log.txt         the trial process's output
+    RUN_DIR/tensorboard/<id>/           TensorBoard event files (monitor.sinks: [tensorboard])
     RUN_DIR/superseded/<id>-<time>/     trials set aside by `run --retrain-changed`
 
 Every write is atomic (temp file, fsync, rename): a killed writer never leaves a half-written file.

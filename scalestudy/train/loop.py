@@ -152,6 +152,10 @@ def _train(
     cfg = trial.config
     torch.set_num_threads(max(1, cfg.resources.cpus // ranks.world))
     device = rk.device_for(cfg.resources.gpus, cfg.train.device, ranks)
+    if device.type == "cuda" and 0 < cfg.resources.gpus < 1:
+        # A share of a GPU: the trial's allocations beyond its share fail in the trial itself,
+        # instead of starving the trials it shares the GPU with (the caching allocator only).
+        torch.cuda.set_per_process_memory_fraction(cfg.resources.gpus, device)
     if ranks.world > 1:
         rk.join(ranks, device, init_method)
     try:

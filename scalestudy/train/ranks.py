@@ -41,7 +41,7 @@ class Ranks:
         return self.rank == 0
 
 
-def device_for(gpus: int, choice: str, ranks: Ranks) -> torch.device:
+def device_for(gpus: float, choice: str, ranks: Ranks) -> torch.device:
     """The one rule for a rank's device.
 
     - `resources.gpus: 0` trains on the CPU everywhere (a CPU trial never takes a GPU it did not
@@ -54,7 +54,7 @@ def device_for(gpus: int, choice: str, ranks: Ranks) -> torch.device:
       before any training.
     """
     if choice == "cuda" and gpus == 0:
-        raise RuntimeError("train.device=cuda but resources.gpus=0; ask for resources.gpus ≥ 1 "
+        raise RuntimeError("train.device=cuda but resources.gpus=0; ask for resources.gpus > 0 "
                            "or use train.device=auto or cpu")
     if choice == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but torch sees no GPU; use train.device=auto or cpu")

@@ -198,8 +198,9 @@ def draw_scenes(seed: int, split: str, index: int, n: int, pairs: tuple[int, ...
     attributes["colour"], attributes["shape"] = pair // len(SHAPES), pair % len(SHAPES)
     radius = _RADII[attributes["size"]] * (0.93 + 0.14 * torch.rand(n, generator=g))
     cell = torch.stack([attributes["position"] % 3, attributes["position"] // 3], dim=1)
-    # The cell's middle third, jittered: cells stay apart even for a large object, whose centre
-    # has the least room (the object may cross the edge by 5 % of its radius).
+    # Cells 0, 1, 2 put the centre at the start, middle or end of the range it can take (the object
+    # may cross the edge by 5 % of its radius), jittered by ±8 % of the range: cells stay apart
+    # even for a large object, whose centre has the least room.
     t = (cell / 2 + 0.16 * (torch.rand(n, 2, generator=g) - 0.5)).clamp(0, 1)
     reach = 0.95 * radius.unsqueeze(1)
     centre = reach + t * (1 - 2 * reach)

@@ -277,11 +277,14 @@ class PairsDataset:
         return cls(train, held_out, seed, spec.eval_images, spec.caption_noise, reader, folder, templates)
 
     def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            g = random_stream(self.seed, "order", epoch)
-            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
-            self._orders[epoch] = torch.randperm(len(self.train), generator=g).tolist()
-        return self._orders[epoch]
+        # The prefetch thread and the trial's thread both read orders: each call works on the dict
+        # it found and publishes a new one whole, so neither can see the other's half-made cache.
+        orders = self._orders
+        if epoch not in orders:
+            order = torch.randperm(len(self.train), generator=random_stream(self.seed, "order", epoch)).tolist()
+            self._orders = {**{e: o for e, o in orders.items() if e == epoch - 1}, epoch: order}
+            return order
+        return orders[epoch]
 
     def _replacement(self, g: torch.Generator) -> tuple[Sample, np.ndarray]:
         for _ in range(MAX_REPLACEMENT_DRAWS):

@@ -132,7 +132,8 @@ def test_a_class_embedding_is_the_normalised_mean_of_its_prompts_unit_embeddings
     model = Toy(words, [])
     prompts = (("a red thing", "a photo of red", "red"), ("blue",), ("a green thing", "green grass"))
     task = ZeroShotTask("", ("r", "b", "g"), prompts, torch.zeros(0))
-    got = class_embeddings(model, task, word_tokenizer, CPU)
+    other = ZeroShotTask("side", ("l",), (("left", "right thing"),), torch.zeros(0))
+    got, _ = class_embeddings(model, (task, other), word_tokenizer, CPU)
     for row, texts in zip(got, prompts):
         each = [model.encode_text(word_tokenizer([t]))[0] for t in texts]
         mean = torch.stack(each).mean(0)

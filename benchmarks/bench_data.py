@@ -92,9 +92,9 @@ class TimedDataset:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def train_batch(self, step: int, batch_size: int) -> Batch:
+    def train_batch(self, step: int, batch_size: int, rows: slice = slice(None)) -> Batch:
         start = time.perf_counter()
-        batch = self.inner.train_batch(step, batch_size)
+        batch = self.inner.train_batch(step, batch_size, rows)
         self.waits[step] = time.perf_counter() - start
         return batch
 

@@ -30,8 +30,10 @@ PositiveInt = Annotated[int, Field(gt=0)]
 class DataSpec(Spec):
     kind: Literal["shapes", "webdataset", "csv"] = Field(
         "shapes",
-        description="shapes: the built-in procedural coloured-shapes set (deterministic from the seed); "
-        "webdataset: tar shards of {key}.jpg|png + {key}.txt; csv: a file of image paths and captions.",
+        description="shapes: the built-in procedural set (deterministic from the seed): one coloured "
+        "shape of some size, fill and position plus three printed digits per image, 2.16 million "
+        "equally likely captions, so a caption rarely repeats within a batch; webdataset: tar shards "
+        "of {key}.jpg|png + {key}.txt; csv: a file of image paths and captions.",
     )
     shards: list[str] | None = Field(
         None,
@@ -58,7 +60,8 @@ class DataSpec(Spec):
     eval_images: PositiveInt = Field(
         512,
         description="Held-out images for evaluation: the retrieval set's size, and the most "
-        "zero-shot images taken from data.zeroshot_dir (evenly across its classes).",
+        "zero-shot images taken from data.zeroshot_dir (evenly across its classes); the linear "
+        "probe fits on the first half of the zero-shot images and scores the second.",
     )
     holdout_pairs: int = Field(
         0,
@@ -100,8 +103,9 @@ class DataSpec(Spec):
     zeroshot_templates: list[str] | None = Field(
         None,
         description="Zero-shot prompt templates, each with one '{}' for the class name; the "
-        "class embedding averages them (CLIP §3.1.4). Default: the built-in ones for shapes, "
-        "CLIP's 7 ImageNet templates for an image folder.",
+        "class embedding averages them (CLIP §3.1.4). Default: for shapes, 16 training-like "
+        "captions per class with the class's colour and shape fixed (so prompts read like what "
+        "the model trained on); CLIP's 7 ImageNet templates for an image folder.",
     )
 
     @field_validator("shards", "eval_shards", mode="before")

@@ -16,6 +16,8 @@ import polars as pl
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pydantic import ValidationError
 
@@ -27,8 +29,12 @@ from scalestudy.expand import expand
 from scalestudy.preflight import check_data, preflight
 from scalestudy.spec import DataSpec
 from scalestudy.store import RunStore
-from scalestudy.train.data import CLASSES, COLOURS, SHAPES, make_dataset, mismatch_captions
+from scalestudy.train.data import (
+    CLASSES, COLOURS, PROMPTS_PER_CLASS, SHAPES, SHAPES_MEAN, SHAPES_STD, dup_caption_rate, make_dataset,
+    mismatch_captions, normalize,
+)
 from scalestudy.train.realdata import MEAN, STD
+from scalestudy.train.shapes_vocab import ATTRIBUTES, CAPTIONS, caption
 from tests.conftest import tiny_study
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -73,7 +79,13 @@ def good_pairs(count: int, start: int = 0) -> dict[str, bytes]:
 
 def pixel(colour: tuple[int, int, int]) -> torch.Tensor:
     """The normalised value a pixel of `colour` must have."""
-    return (torch.tensor(colour, dtype=torch.float32) / 255 - torch.from_numpy(MEAN)) / torch.from_numpy(STD)
+    return (torch.tensor(colour, dtype=torch.float32) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+
+
+def model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as the model sees them: normalised with CLIP's mean and std."""
+    assert images.dtype == torch.uint8
+    return normalize(images, MEAN, STD)
 
 
 def spec(**data) -> DataSpec:
@@ -94,6 +106,71 @@ def test_a_shapes_batch_is_a_pure_function_of_seed_and_step():
     assert make_dataset(spec(**knobs), seed=4).train_batch(1, 64).captions != first.train_batch(1, 64).captions
 
 
+def test_any_slice_of_rows_is_exactly_those_rows_of_the_whole_batch():
+    dataset = make_dataset(spec(caption_noise=0.25, holdout_pairs=4), seed=1)
+    whole = dataset.train_batch(3, 48)
+    assert whole.images.dtype == torch.uint8 and whole.images.shape == (48, 3, 16, 16)
+    assert dataset.train_captions(3, 48) == whole.captions
+    for rows in (slice(0, 12), slice(12, 24), slice(47, 48), slice(5, 40, 7)):
+        part = dataset.train_batch(3, 48, rows)
+        assert torch.equal(part.images, whole.images[rows]) and part.captions == whole.captions[rows]
+        assert torch.equal(part.labels, whole.labels[rows])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from("abcdef"), max_size=30))
+def test_the_duplicate_caption_rate_counts_every_row_whose_caption_another_row_has(captions):
+    shared = [c for i, c in enumerate(captions) if c in captions[:i] + captions[i + 1:]]
+    assert dup_caption_rate(captions) == (len(shared) / len(captions) if captions else 0.0)
+
+
+def test_identical_captions_are_rare_even_in_a_large_batch():
+    assert dup_caption_rate(["a red", "a blue", "a red", "a green"]) == 0.5
+    assert CAPTIONS == 2_160_000
+    dataset = make_dataset(spec(), seed=0)
+    rates = [dup_caption_rate(dataset.train_captions(step, 512)) for step in range(1, 9)]
+    # 511 / 2.16M ≈ 0.0002 expected: the distinct captions are drawn evenly.
+    assert sum(rates) / len(rates) <= 0.01
+    assert dup_caption_rate(dataset.train_captions(1, 4096)) <= 0.01
+
+
+def test_the_object_has_the_captioned_colour_size_and_position():
+    dataset = make_dataset(DataSpec(), seed=2)  # 32 px
+    batch = dataset.train_batch(1, 256)
+    pixels = batch.images.float() / 255
+    areas: dict[str, list[float]] = {size: [] for size in ATTRIBUTES["size"]}
+    for image, text in zip(pixels, batch.captions):
+        size, fill, colour, _ = text.split(",")[0].split()[1:]
+        if colour == "white":  # the digits are near-white too
+            continue
+        rgb = torch.tensor(COLOURS[colour]).view(3, 1, 1)
+        mine = ((image - rgb).abs().amax(0) < 0.2).nonzero().float() / 32  # (k, 2): y, x
+        assert len(mine) >= 20, text
+        if fill == "solid":
+            areas[size].append(len(mine))
+        position = text.split(", ")[1]
+        y, x = mine.mean(0).tolist()
+        assert (x < 0.42) == ("left" in position) and (x > 0.58) == ("right" in position), text
+        assert (y < 0.42) == ("top" in position) and (y > 0.58) == ("bottom" in position), text
+    small, medium, large = (sum(a) / len(a) for a in areas.values())
+    assert small < medium < large
+
+
+def test_images_travel_as_uint8_and_normalise_on_the_device_with_the_datasets_mean_and_std():
+    dataset = make_dataset(DataSpec(), seed=5)
+    images = dataset.train_batch(1, 1024).images
+    pixels = images.float() / 255
+    # The constants are the statistics of rendered shapes (measured on other batches).
+    assert torch.allclose(pixels.mean((0, 2, 3)), torch.tensor(SHAPES_MEAN), atol=0.01)
+    assert torch.allclose(pixels.std((0, 2, 3)), torch.tensor(SHAPES_STD), atol=0.01)
+    x = normalize(images[:4], dataset.mean, dataset.std)
+    assert x.dtype == torch.float32
+    c, i, j = 2, 7, 11
+    expected = (images[3, c, i, j].item() / 255 - SHAPES_MEAN[c]) / SHAPES_STD[c]
+    assert x[3, c, i, j].item() == pytest.approx(expected, abs=1e-6)
+    assert abs(normalize(images, dataset.mean, dataset.std).mean().item()) < 0.05
+
+
 def held_out_names(dataset) -> set[str]:
     seen = set(dataset.train_pairs)
     return {name for i, name in enumerate(CLASSES) if i not in seen}
@@ -107,7 +184,7 @@ def test_held_out_colour_shape_pairs_never_appear_in_a_training_image_or_caption
     for step in range(1, 11):
         batch = dataset.train_batch(step, 128)
         assert not {CLASSES[i] for i in batch.labels.tolist()} & held_out
-        assert not [c for c in batch.captions if any(f" {name} " in c for name in held_out)]
+        assert not [c for c in batch.captions if any(f" {name}," in c for name in held_out)]
 
 
 def test_eval_pairs_restricts_the_held_out_images_to_unseen_or_seen_combinations():
@@ -202,10 +279,12 @@ def test_webdataset_shards_load_resized_and_normalised_and_bad_samples_are_count
     captions = [c for b in batches for c in b.captions]
     assert "a caption for an unreadable image" not in captions
     assert "a striped flag" in captions
-    flag = next(b.images[b.captions.index("a striped flag")] for b in batches if "a striped flag" in b.captions)
+    flag = next(model_input(b.images)[b.captions.index("a striped flag")] for b in batches
+                if "a striped flag" in b.captions)
     # Centre crop, then resize: the square from the middle third is green all over.
     assert torch.allclose(flag.mean(dim=(1, 2)), pixel(GREEN), atol=0.02)
     assert dataset.eval_set().images.shape == (8, 3, 16, 16)
+    assert dataset.eval_set().images.dtype == torch.uint8 and (dataset.mean, dataset.std) == (MEAN, STD)
     assert dataset.zeroshot_set() is None and dataset.classes == ()
 
 
@@ -226,6 +305,37 @@ def test_a_real_data_batch_is_a_pure_function_of_seed_and_step_so_resume_is_exac
     assert len(set(epoch)) in (50, 51) and "a caption for an unreadable image" not in epoch
     other_seed = make_dataset(spec(kind="webdataset", shards=shards, eval_images=8), seed=6)
     assert other_seed.train_batch(1, 20).captions != ran[0].captions
+
+
+def test_a_real_data_rank_decodes_only_its_rows_and_gets_exactly_those_rows_of_the_batch(shards, tmp_path):
+    def fresh(source: str, **knobs):
+        return make_dataset(spec(kind="webdataset", shards=source, eval_images=8, **knobs), seed=5)
+
+    good = str(write_shard(tmp_path / "good.tar", good_pairs(40)))
+    for source, knobs in ((shards, {}), (good, {"caption_noise": 0.3})):
+        whole_data = fresh(source, **knobs)
+        for step in (1, 2, 3):  # with `shards`, these rows hold the corrupt image
+            whole = whole_data.train_batch(step, 20)
+            ranks = fresh(source, **knobs)
+            for rows in (slice(0, 7), slice(7, 14), slice(14, 20)):
+                part = ranks.train_batch(step, 20, rows)
+                assert torch.equal(part.images, whole.images[rows]) and part.captions == whole.captions[rows]
+            if source == good:  # every image readable: the index alone knows every caption
+                assert fresh(source, **knobs).train_captions(step, 20) == whole.captions
+
+
+def test_the_whole_batchs_captions_come_from_the_index_without_decoding_an_image(shards):
+    def fresh():
+        return make_dataset(spec(kind="webdataset", shards=shards, eval_images=8), seed=5)
+
+    decoded, listed = fresh(), fresh()
+    differ = []
+    for step in (1, 2, 3):
+        built, index = decoded.train_batch(step, 20).captions, listed.train_captions(step, 20)
+        differ += [(a, b) for a, b in zip(index, built) if a != b]
+    assert listed.skipped().get("unreadable_image") is None  # nothing was decoded
+    # Only the unreadable image's row differs: the batch replaced it, the index cannot know.
+    assert differ and {a for a, _ in differ} == {"a caption for an unreadable image"}
 
 
 def test_a_csv_loads_relative_paths_and_skips_missing_files_empty_captions_and_corrupt_images(tmp_path):
@@ -250,8 +360,8 @@ def test_a_csv_loads_relative_paths_and_skips_missing_files_empty_captions_and_c
     assert dataset.skipped() == {"missing_image": 1, "empty_caption": 1}
     batch = dataset.train_batch(1, 9)  # the 9 training rows: 8 good ones and the corrupt one
     assert dataset.skipped()["unreadable_image"] == 1
-    for image, caption in zip(batch.images, batch.captions):
-        expected = pixel(BLUE if caption == "a blue square" else RED)
+    for image, text in zip(model_input(batch.images), batch.captions):
+        expected = pixel(BLUE if text == "a blue square" else RED)
         assert torch.allclose(image.mean(dim=(1, 2)), expected, atol=0.02)
 
 
@@ -309,9 +419,11 @@ def test_an_image_folder_gives_zero_shot_classes_from_its_subfolders(classes_dir
     )
     assert dataset.classes == ("blue thing", "green thing", "red thing")
     assert all("{}" in t for t in dataset.templates) and len(dataset.templates) == 7
-    zeroshot = dataset.zeroshot_set()
-    assert zeroshot.labels.tolist() == [0, 1, 2] * 2 + [0, 1]  # round-robin, capped at eval_images
-    for image, label in zip(zeroshot.images, zeroshot.labels):
+    (task,) = dataset.zeroshot_set().tasks
+    assert task.classes == dataset.classes
+    assert task.prompts[0] == tuple(t.format("blue thing") for t in dataset.templates)
+    assert task.labels.tolist() == [0, 1, 2] * 2 + [0, 1]  # round-robin, capped at eval_images
+    for image, label in zip(model_input(dataset.zeroshot_set().images), task.labels):
         assert torch.allclose(image.mean(dim=(1, 2)), pixel((BLUE, GREEN, RED)[label]), atol=0.02)
 
 
@@ -320,8 +432,9 @@ def test_zero_shot_class_names_can_be_given_and_must_match_the_folders(classes_d
     dataset = make_dataset(spec(zeroshot_dir=str(classes_dir), zeroshot_classes=names,
                                 zeroshot_templates=["a {}"], eval_images=100), seed=0)
     assert dataset.classes == tuple(names) and dataset.templates == ("a {}",)
-    batch = dataset.zeroshot_set()
-    assert len(batch.labels) == 12 and dataset.skipped() == {"unreadable_image": 1}
+    zeroshot = dataset.zeroshot_set()
+    assert [len(t.labels) for t in zeroshot.tasks] == [12] and dataset.skipped() == {"unreadable_image": 1}
+    assert zeroshot.tasks[0].prompts == (("a sky",), ("a grass",), ("a fire",))
     assert (dataset.eval_set().labels == -1).all()  # shapes' own labels index no folder class
     [problem] = check_data(DataSpec(zeroshot_dir=str(classes_dir), zeroshot_classes=["sky"]))
     assert "one name per subfolder" in problem
@@ -329,10 +442,49 @@ def test_zero_shot_class_names_can_be_given_and_must_match_the_folders(classes_d
     assert "not a directory" in problem
 
 
-def test_shapes_keep_their_built_in_classes_and_templates_by_default():
+def test_shapes_score_zero_shot_on_their_held_out_images_over_the_classes_and_every_attribute():
     dataset = make_dataset(spec(), seed=0)
-    assert dataset.classes == CLASSES and dataset.templates[0] == "a {}"
-    assert torch.equal(dataset.zeroshot_set().labels, dataset.eval_set().labels)
+    zeroshot = dataset.zeroshot_set()
+    assert dataset.classes == CLASSES and zeroshot.tasks[0].classes == CLASSES
+    assert torch.equal(zeroshot.tasks[0].labels, dataset.eval_set().labels)
+    assert torch.equal(zeroshot.images, dataset.eval_set().images)
+    assert [t.name for t in zeroshot.tasks[1:]] == list(ATTRIBUTES)
+    assert all(task.classes == ATTRIBUTES[task.name] for task in zeroshot.tasks[1:])
+    # Each image's attribute labels spell out its caption.
+    rebuilt = [caption(*(task.classes[int(task.labels[i])] for task in zeroshot.tasks[1:]))
+               for i in range(len(zeroshot.images))]
+    assert rebuilt == dataset.eval_set().captions
+
+
+def test_zero_shot_prompts_are_training_captions_that_differ_between_classes_only_in_the_class():
+    dataset = make_dataset(spec(holdout_classes=["red square", "red cross"]), seed=0)
+    joint, *attributes = dataset.zeroshot_set().tasks
+    assert all(len(prompts) == PROMPTS_PER_CLASS for task in (joint, *attributes) for prompts in task.prompts)
+    for name, prompts in zip(joint.classes, joint.prompts):
+        assert all(f" {name}," in p and p in caption_space() for p in prompts)
+        # Shared draws: replacing the class name gives the first class's prompts back.
+        assert [p.replace(f" {name},", f" {joint.classes[0]},") for p in prompts] == list(joint.prompts[0])
+    colour = next(t for t in attributes if t.name == "colour")
+    red = colour.prompts[colour.classes.index("red")]
+    # A free shape is drawn as training draws it: never a held-out pair.
+    assert not [p for p in red if " red square," in p or " red cross," in p]
+    assert {p.split(",")[0].split()[-1] for p in red} == {"circle", "triangle", "diamond"}
+
+
+def caption_space() -> _CaptionSpace:
+    return _CaptionSpace()
+
+
+class _CaptionSpace:
+    """`text in caption_space()`: whether the text is a caption the shapes can have."""
+
+    def __contains__(self, text: str) -> bool:
+        head, position, digits = text.split(", ")
+        article, *words = head.split()
+        first, *rest = digits.split()
+        values = [*words, position, *rest]
+        return (article == "a" and first == "digits" and len(values) == len(ATTRIBUTES)
+                and all(v in options for v, options in zip(values, ATTRIBUTES.values())))
 
 
 # --- a real study on real files -----------------------------------------------------------------

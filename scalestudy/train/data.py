@@ -1,42 +1,147 @@
-"""The built-in procedural image–caption dataset and the hashing word tokenizer.
+"""The built-in procedural image–caption dataset, what a trial asks of any dataset, and the hashing
+word tokenizer.
 
-Shapes: one coloured shape (circle, square, triangle, cross, diamond) of one size on a noisy tinted
-background, captioned compositionally ("a large red circle on the left"). A batch is a pure function
-of (seed, split, batch index), so data order needs no state beyond the step, resume is exact, and
-any rank of a data-parallel trial can slice the same global batch. Rendering is vectorised over the
-batch (a 256×32×32 batch takes a few milliseconds), so data never bounds a CPU step.
+Shapes: one object — a size, a fill, a colour, a shape, a position — on a plain dark background,
+with three small digits printed in the bottom-right corner, captioned with all of it ("a large
+hollow red circle, top left, digits 3 7 4"; shapes_vocab explains the choice). Its 2,160,000
+equally likely captions make a caption repeated within a batch rare (dup_caption_rate ≈ B / 2.16M:
+0.2 % of the rows at B = 4096), so the contrastive losses' negatives are true negatives.
+
+A batch is a pure function of (seed, split, batch index): data order needs no state beyond the step,
+resume is exact, and a data-parallel rank renders only its own rows of the global batch. What the
+whole batch shows is drawn first (a few numbers per row, `draw_scenes`) and only the asked-for rows
+are rendered; a row's pixel noise is picked by a key drawn with the row, so any slice of rows renders
+exactly as in the full batch. Rendering is vectorised over the batch and images travel as uint8;
+`normalize` turns them into the model's float input on whatever device holds them.
 
 Two knobs turn it into an experiment: a compositional split (`data.holdout_pairs` /
 `data.holdout_classes`: colour–shape pairs no training image or caption shows, evaluated with
 `data.eval_pairs=unseen`) and caption noise (`data.caption_noise`: a fraction of each training batch
-gets another pair's caption). Real data (WebDataset shards, CSV, image folders) is in `realdata`.
+gets another row's caption). Real data (WebDataset shards, CSV, image folders) is in `realdata`.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 import zlib
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from scalestudy.spec import DataSpec
-from scalestudy.train.shapes_vocab import CLASSES, COLOURS, SHAPES, SIZES, TEMPLATES, diagonal_holdout
+from scalestudy.train.shapes_vocab import (
+    ATTRIBUTES, BACKGROUNDS, CLASSES, COLOURS, SHAPES, SIZES, caption, diagonal_holdout,
+)
 
 if TYPE_CHECKING:
     from scalestudy.train.realdata import ImageFolder
 
-# Separate random streams: training never sees an evaluation image, and the noise, data order and
-# replacement draws never shift the images of a batch.
-_SPLIT_SALT = {"train": 0, "eval": 0x5EED, "noise": 0x401, "order": 0x402, "replace": 0x403}
+# Separate random streams: training never sees an evaluation image, and the noise, data order,
+# replacement and prompt draws never shift the images of a batch.
+_SPLIT_SALT = {
+    "train": 0, "eval": 0x5EED, "noise": 0x401, "order": 0x402, "replace": 0x403, "prompts": 0x404,
+}
+
+# Per-channel mean and std of rendered shapes pixels (x / 255), measured over 8 × 512 training
+# images at 32 px; tests/test_data.py checks them against fresh batches.
+SHAPES_MEAN = (0.3223, 0.2838, 0.2890)
+SHAPES_STD = (0.2674, 0.2529, 0.2566)
+# Zero-shot prompts per class, sampled from the training captions with the class's attributes fixed
+# (see sampled_prompts). Every class of a task shares the same draws of the free attributes, so
+# class embeddings differ only in what the classes differ in; 16 keeps an evaluation cheap.
+PROMPTS_PER_CLASS = 16
+
+_OBJECT_RGB = torch.tensor(list(COLOURS.values()))
+_BACKGROUND_RGB = torch.tensor(BACKGROUNDS)
+_RADII = torch.tensor(list(SIZES.values()))
+_DIGIT_RGB = torch.tensor([0.85, 0.85, 0.85])
+# 3×5 bitmaps of the digits 0–9 (rows top to bottom, "#" inked), drawn 1 px apart at 32 px.
+_FONT = torch.tensor([[[c == "#" for c in row] for row in digit.split()] for digit in (
+    "### #.# #.# #.# ###", ".#. ##. .#. .#. ###", "### ..# ### #.. ###", "### ..# ### ..# ###",
+    "#.# #.# ### ..# ..#", "### #.. ### ..# ###", "### #.. ### #.# ###", "### ..# ..# ..# ..#",
+    "### #.# ### #.# ###", "### #.# ### ..# ###",
+)])
+_HOLLOW_INNER = 0.5  # a hollow shape is its outline: the shape minus itself at this scale
+_GRAIN = 0.05  # pixel noise, uniform in ±_GRAIN
+_GRAIN_FIELDS = 64
 
 
 @dataclass(frozen=True)
 class Batch:
-    images: torch.Tensor  # (B, 3, S, S), roughly zero-mean
+    images: torch.Tensor  # (B, 3, S, S) uint8; normalize() makes the model's input on the device
     captions: list[str]
     labels: torch.Tensor  # (B,) index into the dataset's classes; -1 for an image without a class
+
+
+@dataclass(frozen=True)
+class ZeroShotTask:
+    """One classification of the zero-shot images: class c's text embedding is the normalised mean
+    of the embeddings of prompts[c] (prompt ensembling, CLIP §3.1.4)."""
+
+    name: str  # "" for the dataset's classes; an attribute ("colour") for a per-attribute task
+    classes: tuple[str, ...]
+    prompts: tuple[tuple[str, ...], ...]
+    labels: torch.Tensor  # (N,) each zero-shot image's index into `classes`
+
+
+@dataclass(frozen=True)
+class ZeroShotSet:
+    """Held-out labelled images and the tasks that classify them; tasks[0] is over the dataset's
+    classes (zeroshot_top1/top5 and the linear probe), any further task over one attribute."""
+
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    tasks: tuple[ZeroShotTask, ...]
+
+
+class Dataset(Protocol):
+    """What a trial needs from its data: training batches by step, and held-out evaluation sets."""
+
+    classes: tuple[str, ...]  # zero-shot class names; empty when the data has no zero-shot set
+    mean: tuple[float, float, float]  # per-channel pixel mean (of x / 255) for normalize()
+    std: tuple[float, float, float]
+
+    def train_batch(self, step: int, batch_size: int, rows: slice = slice(None)) -> Batch:
+        """Rows `rows` of the global batch of 1-based `step`, equal to slicing the whole batch; the
+        same arguments always give the same batch."""
+        ...
+
+    def train_captions(self, step: int, batch_size: int) -> list[str]:
+        """The captions of the whole global batch of `step`, without decoding or rendering images."""
+        ...
+
+    def eval_set(self) -> Batch:
+        """Held-out image–caption pairs for retrieval (labels: their class, or -1 without one)."""
+        ...
+
+    def zeroshot_set(self) -> ZeroShotSet | None:
+        """Held-out labelled images and their zero-shot tasks; None when there are no classes."""
+        ...
+
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far because they could not be used, counted by reason."""
+        ...
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x / 255 − mean) / std per channel of uint8 (B, 3, S, S) images, in float32 on their device:
+    a batch travels as a quarter of the bytes, and the device does the arithmetic."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.to(torch.float32) / 255 - m) / s
+
+
+def dup_caption_rate(captions: list[str]) -> float:
+    """The fraction of rows whose caption occurs in another row of the batch too: rows the
+    contrastive losses score against an identical caption as if it were a negative."""
+    if not captions:
+        return 0.0
+    counts = Counter(captions)
+    return sum(counts[c] > 1 for c in captions) / len(captions)
 
 
 def random_stream(seed: int, split: str, index: int) -> torch.Generator:
@@ -44,90 +149,174 @@ def random_stream(seed: int, split: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + _SPLIT_SALT[split]) * 2**20 + index)
 
 
-def _position_phrase(cx: float, cy: float) -> str:
-    dx, dy = cx - 0.5, cy - 0.5
-    if max(abs(dx), abs(dy)) < 0.08:
-        return "in the centre"
-    if abs(dx) >= abs(dy):
-        return "on the left" if dx < 0 else "on the right"
-    return "at the top" if dy < 0 else "at the bottom"
+@dataclass(frozen=True)
+class Scenes:
+    """What n images show: each attribute's value index (into ATTRIBUTES) and the continuous draws
+    that place and tint the object; rendering and captions are functions of this alone."""
+
+    attributes: dict[str, torch.Tensor]  # name → (n,) long
+    centre: torch.Tensor  # (n, 2): x, y as fractions of the side
+    radius: torch.Tensor  # (n,) as a fraction of the side
+    tint: torch.Tensor  # (n, 3) added to the object's colour
+    background: torch.Tensor  # (n,) long: index into BACKGROUNDS (not captioned)
+    shade: torch.Tensor  # (n, 3) added to the background's colour
+    margin: torch.Tensor  # (n, 2) long: the digits' gap to the right and bottom edges, 1–3 px
+    grain: torch.Tensor  # (n,) long: the key of the row's pixel noise
+
+    def __len__(self) -> int:
+        return len(self.radius)
+
+    def rows(self, rows: slice) -> Scenes:
+        return Scenes({k: v[rows] for k, v in self.attributes.items()}, self.centre[rows],
+                      self.radius[rows], self.tint[rows], self.background[rows], self.shade[rows],
+                      self.margin[rows], self.grain[rows])
+
+    def labels(self) -> torch.Tensor:
+        """Index into CLASSES (colour-major, as CLASSES is ordered)."""
+        return self.attributes["colour"] * len(SHAPES) + self.attributes["shape"]
+
+    def captions(self) -> list[str]:
+        columns = [[values[i] for i in self.attributes[name].tolist()] for name, values in ATTRIBUTES.items()]
+        return [caption(*words) for words in zip(*columns)]
 
 
-def render(
-    seed: int, split: str, index: int, batch_size: int, image_size: int,
-    pairs: tuple[int, ...] | None = None,
-) -> Batch:
-    """Batch number `index` of a split: a pure function of its arguments.
-
-    `pairs` restricts the colour–shape pairs drawn (indices into CLASSES); None draws all 40.
-    """
+def draw_scenes(seed: int, split: str, index: int, n: int, pairs: tuple[int, ...] | None) -> Scenes:
+    """The scenes of batch `index` of a split: a pure function of its arguments. `pairs` restricts
+    the colour–shape pairs (indices into CLASSES); None draws all 40. Every other attribute is
+    uniform and independent, so all 2,160,000 captions of the full set are equally likely."""
     g = random_stream(seed, split, index)
-    n = batch_size
-    if pairs is None:
-        colour = torch.randint(len(COLOURS), (n,), generator=g)
-        shape = torch.randint(len(SHAPES), (n,), generator=g)
-    else:
-        pair = torch.tensor(pairs)[torch.randint(len(pairs), (n,), generator=g)]
-        colour, shape = pair // len(SHAPES), pair % len(SHAPES)
-    large = torch.randint(2, (n,), generator=g).bool()
-    radius = torch.where(large, SIZES["large"], SIZES["small"]) * (
-        0.9 + 0.2 * torch.rand(n, generator=g)
-    )
-    cx = 0.3 + 0.4 * torch.rand(n, generator=g)
-    cy = 0.3 + 0.4 * torch.rand(n, generator=g)
-    background = 0.25 * torch.rand(n, 3, generator=g)
+    # One draw over all combinations, decoded digit by digit: separate small torch.randint calls
+    # on one generator are not jointly independent (at B = 4096 they repeat a caption twice as
+    # often as independent draws would).
+    free = {name: len(values) for name, values in ATTRIBUTES.items() if name not in ("colour", "shape")}
+    allowed = torch.arange(len(CLASSES)) if pairs is None else torch.tensor(pairs)
+    code = torch.randint(len(allowed) * math.prod(free.values()), (n,), generator=g)
+    attributes = {}
+    for name, count in free.items():
+        code, attributes[name] = code // count, code % count
+    pair = allowed[code]
+    attributes["colour"], attributes["shape"] = pair // len(SHAPES), pair % len(SHAPES)
+    radius = _RADII[attributes["size"]] * (0.93 + 0.14 * torch.rand(n, generator=g))
+    cell = torch.stack([attributes["position"] % 3, attributes["position"] // 3], dim=1)
+    # Cells 0, 1, 2 put the centre at the start, middle or end of the range it can take (the object
+    # may cross the edge by 5 % of its radius), jittered by ±8 % of the range: cells stay apart
+    # even for a large object, whose centre has the least room.
+    t = (cell / 2 + 0.16 * (torch.rand(n, 2, generator=g) - 0.5)).clamp(0, 1)
+    reach = 0.95 * radius.unsqueeze(1)
+    centre = reach + t * (1 - 2 * reach)
+    tint = 0.12 * (torch.rand(n, 3, generator=g) - 0.5)
+    background = torch.randint(len(BACKGROUNDS), (n,), generator=g)
+    shade = 0.08 * (torch.rand(n, 3, generator=g) - 0.5)
+    # The digits move a little, so reading them takes more than one fixed pixel pattern.
+    margin = 1 + torch.randint(3, (n, 2), generator=g)
+    grain = torch.randint(2**31, (n,), generator=g)
+    return Scenes(attributes, centre, radius, tint, background, shade, margin, grain)
 
-    axis = (torch.arange(image_size) + 0.5) / image_size
-    dx = axis.view(1, 1, -1) - cx.view(-1, 1, 1)  # (B, 1, S)
-    dy = axis.view(1, -1, 1) - cy.view(-1, 1, 1)  # (B, S, 1)
-    r = radius.view(-1, 1, 1)
+
+def _digits_mask(scenes: Scenes, size: int) -> torch.Tensor:
+    """(n, S, S): the pixels of each scene's three digits in the bottom-right corner (3×5 px each
+    at 32 px, scaled by S // 32)."""
+    n, scale = len(scenes), max(1, size // 32)
+    gap = torch.zeros(n, 5, 1, dtype=torch.bool)
+    parts = [_FONT[scenes.attributes["digit1"]], gap, _FONT[scenes.attributes["digit2"]], gap,
+             _FONT[scenes.attributes["digit3"]]]
+    glyphs = torch.cat(parts, dim=2).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    height, width = glyphs.shape[1:]
+    top_left = torch.tensor([size - width, size - height]) - scale * scenes.margin  # (n, 2): x, y
+    ys = top_left[:, 1].view(n, 1, 1) + torch.arange(height).view(1, -1, 1)
+    xs = top_left[:, 0].view(n, 1, 1) + torch.arange(width).view(1, 1, -1)
+    mask = torch.zeros(n, size, size, dtype=torch.bool)
+    mask[torch.arange(n).view(n, 1, 1), ys.clamp(0, size - 1), xs.clamp(0, size - 1)] = glyphs
+    return mask
+
+
+def _shape_mask(shape: int, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """(n, S, S): where a shape of radius r (n, 1, 1) covers the pixels at offsets dx (n, 1, S) and
+    dy (n, S, 1) from its centre."""
     adx, ady = dx.abs(), dy.abs()
-    masks = torch.stack(
-        [
-            dx**2 + dy**2 < r**2,
-            torch.maximum(adx, ady) < 0.8 * r,
-            (dy < 0.7 * r) & (dy > -r) & (adx < 0.55 * (dy + r)),
-            ((adx < 0.3 * r) & (ady < r)) | ((ady < 0.3 * r) & (adx < r)),
-            adx + ady < r,
-        ],
-        dim=1,
-    )  # (B, shapes, S, S)
-    mask = masks[torch.arange(n), shape].unsqueeze(1).float()  # (B, 1, S, S)
-    rgb = torch.tensor(list(COLOURS.values()))[colour].view(n, 3, 1, 1)
-    image = background.view(n, 3, 1, 1) * (1 - mask) + rgb * mask
-    image = image + 0.05 * torch.randn(n, 3, image_size, image_size, generator=g)
-    images = (image - 0.4) / 0.3
-
-    colour_names, sizes = list(COLOURS), list(SIZES)
-    captions = [
-        f"a {sizes[int(l)]} {colour_names[int(c)]} {SHAPES[int(s)]} {_position_phrase(float(x), float(y))}"
-        for c, s, l, x, y in zip(colour, shape, large.long(), cx, cy)
-    ]
-    labels = colour * len(SHAPES) + shape
-    return Batch(images=images, captions=captions, labels=labels)
+    if SHAPES[shape] == "circle":
+        return dx**2 + dy**2 < r**2
+    if SHAPES[shape] == "square":
+        return torch.maximum(adx, ady) < 0.8 * r
+    if SHAPES[shape] == "triangle":
+        return (dy < 0.7 * r) & (dy > -r) & (adx < 0.55 * (dy + r))
+    if SHAPES[shape] == "cross":
+        return ((adx < 0.3 * r) & (ady < r)) | ((ady < 0.3 * r) & (adx < r))
+    return adx + ady < r  # diamond
 
 
-class Dataset(Protocol):
-    """What a trial needs from its data: training batches by step, and held-out evaluation sets."""
+def _object_mask(scenes: Scenes, size: int) -> torch.Tensor:
+    """(n, S, S): the pixels each scene's object covers (a hollow one: its outline only). Each
+    row's own shape only, computed per shape over that shape's rows."""
+    axis = (torch.arange(size) + 0.5) / size
+    mask = torch.empty(len(scenes), size, size, dtype=torch.bool)
+    shapes, hollow = scenes.attributes["shape"], scenes.attributes["fill"] == 1
+    for k in range(len(SHAPES)):
+        rows = (shapes == k).nonzero().flatten()
+        if not len(rows):
+            continue
+        dx = axis.view(1, 1, -1) - scenes.centre[rows, 0].view(-1, 1, 1)
+        dy = axis.view(1, -1, 1) - scenes.centre[rows, 1].view(-1, 1, 1)
+        r = scenes.radius[rows].view(-1, 1, 1)
+        outline = hollow[rows].view(-1, 1, 1) & _shape_mask(k, dx, dy, _HOLLOW_INNER * r)
+        mask[rows] = _shape_mask(k, dx, dy, r) & ~outline
+    return mask
 
-    classes: tuple[str, ...]  # zero-shot class names; empty when the data has no zero-shot set
-    templates: tuple[str, ...]  # prompt templates, each with one "{}" for the class name
 
-    def train_batch(self, step: int, batch_size: int) -> Batch:
-        """The global batch of 1-based `step`; the same arguments always give the same batch."""
-        ...
+@functools.lru_cache(maxsize=8)
+def _grain(size: int) -> torch.Tensor:
+    """(_GRAIN_FIELDS, 3, S, S) fixed noise fields, uniform in ±_GRAIN; each image adds one, chosen
+    by its row's grain key, so a row's noise needs neither a generator nor the rest of the batch."""
+    g = torch.Generator().manual_seed(size)
+    return (2 * _GRAIN) * (torch.rand(_GRAIN_FIELDS, 3, size, size, generator=g) - 0.5)
 
-    def eval_set(self) -> Batch:
-        """Held-out image–caption pairs for retrieval (labels: their class, or -1 without one)."""
-        ...
 
-    def zeroshot_set(self) -> Batch | None:
-        """Held-out images labelled with indices into `classes`; None when there are no classes."""
-        ...
+def render(scenes: Scenes, image_size: int) -> torch.Tensor:
+    """(n, 3, S, S) uint8 images of the scenes: background, object, digits, noise."""
+    n, a, size = len(scenes), scenes.attributes, image_size
+    background = (_BACKGROUND_RGB[scenes.background] + scenes.shade).clamp(0, 1).view(n, 3, 1, 1)
+    colour = (_OBJECT_RGB[a["colour"]] + scenes.tint).clamp(0, 1).view(n, 3, 1, 1)
+    image = torch.where(_object_mask(scenes, size).unsqueeze(1), colour, background)
+    image = torch.where(_digits_mask(scenes, size).unsqueeze(1), _DIGIT_RGB.view(1, 3, 1, 1), image)
+    image += _grain(image_size)[scenes.grain % _GRAIN_FIELDS]
+    return image.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
-    def skipped(self) -> dict[str, int]:
-        """Samples skipped so far because they could not be used, counted by reason."""
-        ...
+
+def sampled_prompts(
+    fixed: tuple[str, ...], classes: list[tuple[int, ...]], count: int, pairs: tuple[int, ...] | None,
+    seed: int,
+) -> tuple[tuple[str, ...], ...]:
+    """For each class (a value index per attribute in `fixed`), `count` training-like captions: the
+    fixed attributes set to the class's values, the free ones drawn as training draws them.
+
+    The draws of the free attributes are shared by all classes (and stratified: each value appears
+    count / len(values) times, ± 1), so two classes' prompt ensembles differ only in their fixed
+    attributes and no class is favoured by a lucky background. A free colour or shape is drawn
+    among the training `pairs` consistent with the class (held-out pairs never appear).
+    """
+    g = random_stream(seed, "prompts", 0)
+    draws = {name: (torch.arange(count) % len(values))[torch.randperm(count, generator=g)].tolist()
+             for name, values in ATTRIBUTES.items()}
+    allowed = list(range(len(CLASSES))) if pairs is None else sorted(pairs)
+    pair_draws = (torch.arange(count) % len(allowed))[torch.randperm(count, generator=g)].tolist()
+    prompts = []
+    for values in classes:
+        given = dict(zip(fixed, values))
+        texts = []
+        for j in range(count):
+            chosen = {name: given.get(name, draws[name][j]) for name in ATTRIBUTES}
+            colour, shape = given.get("colour"), given.get("shape")
+            if colour is None and shape is None:
+                colour, shape = divmod(allowed[pair_draws[j]], len(SHAPES))
+            elif colour is None or shape is None:
+                # The free one among those the training pairs combine with the fixed one.
+                options = [p for p in allowed if (p // len(SHAPES) == colour if shape is None
+                                                  else p % len(SHAPES) == shape)] or allowed
+                colour, shape = divmod(options[pair_draws[j] % len(options)], len(SHAPES))
+            chosen.update(colour=colour, shape=shape)
+            texts.append(caption(*(ATTRIBUTES[name][chosen[name]] for name in ATTRIBUTES)))
+        prompts.append(tuple(texts))
+    return tuple(prompts)
 
 
 def mismatch_captions(captions: list[str], fraction: float, seed: int, step: int) -> list[str]:
@@ -150,7 +339,11 @@ def mismatch_captions(captions: list[str], fraction: float, seed: int, step: int
 
 @dataclass(frozen=True)
 class ShapesDataset:
-    """The procedural shapes; `train_pairs`/`eval_pairs` restrict the colour–shape pairs (None: all)."""
+    """The procedural shapes; `train_pairs`/`eval_pairs` restrict the colour–shape pairs (None: all).
+
+    Zero-shot prompts are sampled training captions (sampled_prompts), unless `templates` are given
+    (data.zeroshot_templates): then the class task formats them with the class names, as CLIP does.
+    """
 
     seed: int
     image_size: int
@@ -159,31 +352,59 @@ class ShapesDataset:
     eval_pairs: tuple[int, ...] | None = None
     caption_noise: float = 0.0
     classes: tuple[str, ...] = CLASSES
-    templates: tuple[str, ...] = TEMPLATES
+    templates: tuple[str, ...] | None = None
     # Zero-shot on an image folder instead of the built-in classes (data.zeroshot_dir).
     folder: ImageFolder | None = field(default=None, compare=False)
+    mean: tuple[float, float, float] = SHAPES_MEAN
+    std: tuple[float, float, float] = SHAPES_STD
 
-    def train_batch(self, step: int, batch_size: int) -> Batch:
-        batch = render(self.seed, "train", step, batch_size, self.image_size, self.train_pairs)
-        captions = mismatch_captions(batch.captions, self.caption_noise, self.seed, step)
-        return Batch(images=batch.images, captions=captions, labels=batch.labels)
+    def train_captions(self, step: int, batch_size: int) -> list[str]:
+        scenes = draw_scenes(self.seed, "train", step, batch_size, self.train_pairs)
+        return mismatch_captions(scenes.captions(), self.caption_noise, self.seed, step)
+
+    def train_batch(self, step: int, batch_size: int, rows: slice = slice(None)) -> Batch:
+        scenes = draw_scenes(self.seed, "train", step, batch_size, self.train_pairs)
+        captions = mismatch_captions(scenes.captions(), self.caption_noise, self.seed, step)
+        mine = scenes.rows(rows)
+        return Batch(render(mine, self.image_size), captions[rows], mine.labels())
+
+    @functools.cached_property
+    def _eval_scenes(self) -> tuple[Scenes, torch.Tensor]:
+        scenes = draw_scenes(self.seed, "eval", 0, self.eval_images, self.eval_pairs)
+        return scenes, render(scenes, self.image_size)
 
     def eval_set(self) -> Batch:
-        batch = render(self.seed, "eval", 0, self.eval_images, self.image_size, self.eval_pairs)
-        if self.folder is None:
-            return batch
-        # The classes are the folder's, so the shapes' own labels index nothing.
-        return Batch(batch.images, batch.captions, torch.full_like(batch.labels, -1))
+        scenes, images = self._eval_scenes
+        labels = scenes.labels() if self.folder is None else torch.full((len(scenes),), -1)
+        # With a folder the classes are the folder's, so the shapes' own labels index nothing.
+        return Batch(images, scenes.captions(), labels)
 
-    def zeroshot_set(self) -> Batch | None:
-        return self.eval_set() if self.folder is None else self.folder.batch()
+    @functools.cached_property
+    def _zeroshot(self) -> ZeroShotSet:
+        if self.folder is not None:
+            return self.folder.zeroshot(self.templates)
+        scenes, images = self._eval_scenes
+        if self.templates is not None:
+            prompts = tuple(tuple(t.format(name) for t in self.templates) for name in CLASSES)
+        else:
+            pairs = [divmod(i, len(SHAPES)) for i in range(len(CLASSES))]
+            prompts = sampled_prompts(("colour", "shape"), pairs, PROMPTS_PER_CLASS, self.train_pairs, self.seed)
+        tasks = [ZeroShotTask("", CLASSES, prompts, scenes.labels())]
+        for name, values in ATTRIBUTES.items():
+            prompts = sampled_prompts((name,), [(i,) for i in range(len(values))], PROMPTS_PER_CLASS,
+                                      self.train_pairs, self.seed)
+            tasks.append(ZeroShotTask(name, values, prompts, scenes.attributes[name]))
+        return ZeroShotSet(images, tuple(tasks))
+
+    def zeroshot_set(self) -> ZeroShotSet | None:
+        return self._zeroshot
 
     def skipped(self) -> dict[str, int]:
         return {} if self.folder is None else self.folder.reader.skipped()
 
 
 def shapes_dataset(
-    spec: DataSpec, seed: int, folder: ImageFolder | None, templates: tuple[str, ...]
+    spec: DataSpec, seed: int, folder: ImageFolder | None, templates: tuple[str, ...] | None
 ) -> ShapesDataset:
     """The shapes with the spec's compositional split and caption noise."""
     names = spec.holdout_classes or diagonal_holdout(spec.holdout_pairs)
@@ -214,12 +435,13 @@ def make_dataset(spec: DataSpec, seed: int) -> Dataset:
         else None
     )
     if spec.zeroshot_templates is not None:
-        templates = tuple(spec.zeroshot_templates)
+        templates: tuple[str, ...] | None = tuple(spec.zeroshot_templates)
     else:
-        templates = TEMPLATES if spec.kind == "shapes" and folder is None else realdata.CLIP_TEMPLATES
+        # Shapes sample their prompts from the training captions; a folder's classes get CLIP's.
+        templates = None if spec.kind == "shapes" and folder is None else realdata.CLIP_TEMPLATES
     if spec.kind == "shapes":
         return shapes_dataset(spec, seed, folder, templates)
-    return realdata.PairsDataset.from_spec(spec, seed, reader, folder, templates)
+    return realdata.PairsDataset.from_spec(spec, seed, reader, folder, templates or realdata.CLIP_TEMPLATES)
 
 
 class HashTokenizer:

@@ -1,15 +1,18 @@
 """Real image–caption data: WebDataset tar shards, a CSV of image paths, and zero-shot image folders.
 
 A trial builds an index of its samples once (where each image's bytes are, and its caption) and
-decodes images lazily, only for the batch asked for. Batch s is a pure function of (seed, s):
+decodes images lazily, only for the rows asked for. Batch s is a pure function of (seed, s):
 stream position p = (s−1)·B + i is sample perm_e[p mod N] of epoch e = p // N, each epoch its own
-seeded permutation of the N training samples. So resume is exact, and every data-parallel rank
-builds the same global batch without talking to the others.
+seeded permutation of the N training samples. So resume is exact, and a data-parallel rank decodes
+only its own rows of the global batch without talking to the others; the captions of the whole
+batch come from the index alone (`train_captions`), with no image decoded.
 
 Samples that cannot be used — an image or caption file that is missing, an empty caption, an image
 PIL cannot decode, a shard that is not a readable tar — are skipped, counted by reason and logged;
-they never stop the trial. An unreadable training image is replaced by a random draw from the
-(seed, step) stream, so the batch keeps its size and stays a pure function of (seed, step).
+they never stop the trial. An unreadable training image is replaced by a random draw from a stream
+of its own stream position, so the batch keeps its size and each row stays a pure function of
+(seed, step, row) whichever rows are built. Only a replaced row's caption can differ from what
+`train_captions` (which decodes nothing) says; such rows are counted in `skipped()`.
 """
 
 from __future__ import annotations
@@ -32,15 +35,15 @@ from PIL import Image, UnidentifiedImageError
 
 from scalestudy.datafiles import class_folders, expand_braces
 from scalestudy.spec import DataSpec
-from scalestudy.train.data import Batch, mismatch_captions, random_stream
+from scalestudy.train.data import Batch, ZeroShotSet, ZeroShotTask, mismatch_captions, random_stream
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp"})
 # CLIP's input normalisation (per-channel mean and std of its training images); open_clip uses the
 # same for its CLIP and SigLIP-style models.
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
 # CLIP §3.1.4: zero-shot prompts are ensembled over templates; these 7 are the subset the CLIP
 # authors found best on ImageNet (notebooks/Prompt_Engineering_for_ImageNet.ipynb in openai/CLIP).
 CLIP_TEMPLATES = (
@@ -143,13 +146,12 @@ def decode(data: bytes, size: int) -> np.ndarray:
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """(B, 3, S, S) float images, normalised as CLIP's inputs are: (x / 255 − mean) / std.
+    """(B, 3, S, S) uint8 images from (S, S, 3) arrays; data.normalize makes the model's input.
 
     In numpy, single-threaded: in the prefetch thread a torch op would start a second OpenMP team
     and fight the training step's threads for the cores.
     """
-    pixels = np.stack(images).astype(np.float32) * (1 / (255 * STD)) - MEAN / STD
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+    return torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)))
 
 
 def index_shard(path: str, reader: ImageReader) -> list[Sample]:
@@ -242,12 +244,13 @@ class PairsDataset:
         self.reader, self.folder = reader, folder
         self.classes: tuple[str, ...] = () if folder is None else folder.classes
         self.templates = templates
+        self.mean, self.std = MEAN, STD
         self._orders: dict[int, list[int]] = {}
         self._eval: Batch | None = None
         # Decoding the next step's batch while the model trains on this one: PIL and torch release
         # the GIL, and the step's single-threaded stretches leave a core free.
         self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scalestudy-prefetch")
-        self._ahead: tuple[tuple[int, int], Future[Batch]] | None = None
+        self._ahead: tuple[tuple[int, int, tuple[int, int, int]], Future[Batch]] | None = None
 
     @classmethod
     def from_spec(
@@ -274,11 +277,14 @@ class PairsDataset:
         return cls(train, held_out, seed, spec.eval_images, spec.caption_noise, reader, folder, templates)
 
     def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            g = random_stream(self.seed, "order", epoch)
-            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
-            self._orders[epoch] = torch.randperm(len(self.train), generator=g).tolist()
-        return self._orders[epoch]
+        # The prefetch thread and the trial's thread both read orders: each call works on the dict
+        # it found and publishes a new one whole, so neither can see the other's half-made cache.
+        orders = self._orders
+        if epoch not in orders:
+            order = torch.randperm(len(self.train), generator=random_stream(self.seed, "order", epoch)).tolist()
+            self._orders = {**{e: o for e, o in orders.items() if e == epoch - 1}, epoch: order}
+            return order
+        return orders[epoch]
 
     def _replacement(self, g: torch.Generator) -> tuple[Sample, np.ndarray]:
         for _ in range(MAX_REPLACEMENT_DRAWS):
@@ -291,34 +297,48 @@ class PairsDataset:
             f"far: {self.reader.skipped()}); check the data files"
         )
 
-    def train_batch(self, step: int, batch_size: int) -> Batch:
-        """Batch `step` (prefetched when the previous call asked for step − 1); starts step + 1."""
+    def _sample(self, position: int) -> Sample:
+        """The training sample at a stream position (see the module docstring)."""
+        n = len(self.train)
+        return self.train[self._order(position // n)[position % n]]
+
+    def train_captions(self, step: int, batch_size: int) -> list[str]:
+        """The global batch's captions from the index (no image decoded), caption noise applied."""
+        first = (step - 1) * batch_size
+        captions = [self._sample(first + row).caption for row in range(batch_size)]
+        return mismatch_captions(captions, self.caption_noise, self.seed, step)
+
+    def train_batch(self, step: int, batch_size: int, rows: slice = slice(None)) -> Batch:
+        """Rows `rows` of batch `step` (prefetched when the previous call asked for the same rows of
+        step − 1); starts decoding the same rows of step + 1."""
+        key = (batch_size, rows.indices(batch_size))
         ahead = self._ahead
-        if ahead is not None and ahead[0] == (step, batch_size):
+        if ahead is not None and ahead[0] == (step, *key):
             batch = ahead[1].result()
         else:
             if ahead is not None and not ahead[1].cancel():
                 ahead[1].exception()  # let it finish unused: one batch is decoded at a time
-            batch = self.assemble(step, batch_size)
-        self._ahead = ((step + 1, batch_size), self._prefetch.submit(self.assemble, step + 1, batch_size))
+            batch = self.assemble(step, batch_size, rows)
+        self._ahead = ((step + 1, *key), self._prefetch.submit(self.assemble, step + 1, batch_size, rows))
         return batch
 
-    def assemble(self, step: int, batch_size: int) -> Batch:
-        """Decode batch `step`: a pure function of (seed, step, batch_size) and the files."""
-        n = len(self.train)
-        images, captions = [], []
-        replacements: torch.Generator | None = None
-        for position in range((step - 1) * batch_size, step * batch_size):
-            sample = self.train[self._order(position // n)[position % n]]
+    def assemble(self, step: int, batch_size: int, rows: slice = slice(None)) -> Batch:
+        """Decode rows `rows` of batch `step`: a pure function of (seed, step, batch_size, row) and
+        the files, so any slice equals the same rows of the whole batch."""
+        first = (step - 1) * batch_size
+        captions = [self._sample(first + row).caption for row in range(batch_size)]
+        images = []
+        mine = range(*rows.indices(batch_size))
+        for row in mine:
+            sample = self._sample(first + row)
             image = self.reader.read(sample)
             if image is None:
-                # One stream per step, drawn in row order: the batch stays a function of (seed, step).
-                replacements = replacements or random_stream(self.seed, "replace", step)
-                sample, image = self._replacement(replacements)
+                # A stream per position: the row's replacement never depends on other rows.
+                sample, image = self._replacement(random_stream(self.seed, "replace", first + row))
+                captions[row] = sample.caption
             images.append(image)
-            captions.append(sample.caption)
         captions = mismatch_captions(captions, self.caption_noise, self.seed, step)
-        return Batch(to_tensor(images), captions, torch.full((batch_size,), -1, dtype=torch.long))
+        return Batch(to_tensor(images), captions[rows], torch.full((len(mine),), -1, dtype=torch.long))
 
     def eval_set(self) -> Batch:
         if self._eval is None:
@@ -329,8 +349,8 @@ class PairsDataset:
             self._eval = Batch(to_tensor(images), [s.caption for s in kept], labels)
         return self._eval
 
-    def zeroshot_set(self) -> Batch | None:
-        return None if self.folder is None else self.folder.batch()
+    def zeroshot_set(self) -> ZeroShotSet | None:
+        return None if self.folder is None else self.folder.zeroshot(self.templates)
 
     def skipped(self) -> dict[str, int]:
         return self.reader.skipped()
@@ -371,3 +391,9 @@ class ImageFolder:
                 torch.tensor([self._labels[s] for s in kept], dtype=torch.long),
             )
         return self._batch
+
+    def zeroshot(self, templates: tuple[str, ...]) -> ZeroShotSet:
+        """The folder's images, classified over its classes with each class's templates filled in."""
+        batch = self.batch()
+        prompts = tuple(tuple(template.format(name) for template in templates) for name in self.classes)
+        return ZeroShotSet(batch.images, (ZeroShotTask("", self.classes, prompts, batch.labels),))

@@ -35,7 +35,8 @@ from scalestudy.expand import expand
 from scalestudy.load import validate_study
 from scalestudy.spec import DataSpec
 from scalestudy.store import RunStore
-from scalestudy.train.data import Batch, Dataset, make_dataset
+from scalestudy.train.data import Batch, Dataset
+from scalestudy.train.datasets import make_dataset
 
 BATCH = 256
 SAMPLES = 2048

@@ -30,9 +30,10 @@ from scalestudy.preflight import check_data, preflight
 from scalestudy.spec import DataSpec
 from scalestudy.store import RunStore
 from scalestudy.train.data import (
-    CLASSES, COLOURS, PROMPTS_PER_CLASS, SHAPES, SHAPES_MEAN, SHAPES_STD, dup_caption_rate, make_dataset,
+    CLASSES, COLOURS, PROMPTS_PER_CLASS, SHAPES, SHAPES_MEAN, SHAPES_STD, dup_caption_rate,
     mismatch_captions, normalize,
 )
+from scalestudy.train.datasets import make_dataset
 from scalestudy.train.realdata import MEAN, STD
 from scalestudy.train.shapes_vocab import ATTRIBUTES, CAPTIONS, caption
 from tests.conftest import tiny_study

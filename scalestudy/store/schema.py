@@ -23,6 +23,7 @@ STEP_SCHEMA: dict[str, pl.DataType] = {
     "is_loss_spike": pl.Boolean(),
     "loss_spike_ratio": pl.Float64(),
     "step_time_s": pl.Float64(),
+    "dup_caption_rate": pl.Float64(),
     "grad_norm_image": pl.Float64(),
     "grad_norm_text": pl.Float64(),
     "logit_pos_mean": pl.Float64(),
@@ -37,7 +38,8 @@ STEP_SCHEMA: dict[str, pl.DataType] = {
 }
 
 # The per-trial columns every results.parquet and `status --json` have, with their types; then
-# come the trial's other summary figures, every config key as a dotted column and `derived.*`.
+# come the trial's other summary figures (e.g. `zeroshot_top1_<attribute>` of the shapes data),
+# every config key as a dotted column and `derived.*`.
 RESULT_COLUMNS: dict[str, pl.DataType] = {
     "trial_id": pl.String(),
     "status": pl.String(),
@@ -55,7 +57,15 @@ RESULT_COLUMNS: dict[str, pl.DataType] = {
     "first_spike_step": pl.Int64(),
     "spike_rate_per_1k": pl.Float64(),
     "loss_spike_count": pl.Int64(),
+    "loss_spike_rate_per_1k": pl.Float64(),
+    "max_loss_spike_ratio": pl.Float64(),
+    "first_loss_spike_step": pl.Int64(),
     "steps_to_recover": pl.Int64(),
+    "loss_steps_to_recover": pl.Int64(),
+    "no_learning_loss": pl.Float64(),
+    "stalled": pl.Boolean(),
+    "linear_probe_top1": pl.Float64(),
+    "dup_caption_rate": pl.Float64(),
     "diverged": pl.Boolean(),
     "wall_s": pl.Float64(),
     "samples_per_s": pl.Float64(),

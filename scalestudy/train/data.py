@@ -29,7 +29,7 @@ import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
@@ -38,8 +38,6 @@ from scalestudy.train.shapes_vocab import (
     ATTRIBUTES, BACKGROUNDS, CLASSES, COLOURS, SHAPES, SIZES, caption, diagonal_holdout,
 )
 
-if TYPE_CHECKING:
-    from scalestudy.train.realdata import ImageFolder
 
 # Separate random streams: training never sees an evaluation image, and the noise, data order,
 # replacement and prompt draws never shift the images of a batch.
@@ -96,6 +94,20 @@ class ZeroShotSet:
 
     images: torch.Tensor  # (N, 3, S, S) uint8
     tasks: tuple[ZeroShotTask, ...]
+
+
+class ZeroShotFolder(Protocol):
+    """Zero-shot classes from image files (scalestudy.train.realdata.ImageFolder)."""
+
+    classes: tuple[str, ...]
+
+    def zeroshot(self, templates: tuple[str, ...] | None) -> ZeroShotSet:
+        """The folder's images with their class labels, prompted by `templates`."""
+        ...
+
+    def skipped(self) -> dict[str, int]:
+        """Images skipped so far because they could not be read, counted by reason."""
+        ...
 
 
 class Dataset(Protocol):
@@ -354,7 +366,7 @@ class ShapesDataset:
     classes: tuple[str, ...] = CLASSES
     templates: tuple[str, ...] | None = None
     # Zero-shot on an image folder instead of the built-in classes (data.zeroshot_dir).
-    folder: ImageFolder | None = field(default=None, compare=False)
+    folder: ZeroShotFolder | None = field(default=None, compare=False)
     mean: tuple[float, float, float] = SHAPES_MEAN
     std: tuple[float, float, float] = SHAPES_STD
 
@@ -400,48 +412,7 @@ class ShapesDataset:
         return self._zeroshot
 
     def skipped(self) -> dict[str, int]:
-        return {} if self.folder is None else self.folder.reader.skipped()
-
-
-def shapes_dataset(
-    spec: DataSpec, seed: int, folder: ImageFolder | None, templates: tuple[str, ...] | None
-) -> ShapesDataset:
-    """The shapes with the spec's compositional split and caption noise."""
-    names = spec.holdout_classes or diagonal_holdout(spec.holdout_pairs)
-    held_out = tuple(sorted({CLASSES.index(name) for name in names}))
-    seen = tuple(i for i in range(len(CLASSES)) if i not in held_out)
-    return ShapesDataset(
-        seed=seed,
-        image_size=spec.image_size,
-        eval_images=spec.eval_images,
-        train_pairs=seen if held_out else None,
-        eval_pairs={"all": None, "seen": seen, "unseen": held_out}[spec.eval_pairs],
-        caption_noise=spec.caption_noise,
-        classes=CLASSES if folder is None else folder.classes,
-        templates=templates,
-        folder=folder,
-    )
-
-
-def make_dataset(spec: DataSpec, seed: int) -> Dataset:
-    """The data a trial trains and evaluates on; real data is indexed here, decoded per batch."""
-    # realdata builds on this module's Batch and random streams, so it is imported at call time.
-    from scalestudy.train import realdata
-
-    reader = realdata.ImageReader(spec.image_size)
-    folder = (
-        realdata.ImageFolder(spec.zeroshot_dir, spec.zeroshot_classes, spec.eval_images, reader)
-        if spec.zeroshot_dir is not None
-        else None
-    )
-    if spec.zeroshot_templates is not None:
-        templates: tuple[str, ...] | None = tuple(spec.zeroshot_templates)
-    else:
-        # Shapes sample their prompts from the training captions; a folder's classes get CLIP's.
-        templates = None if spec.kind == "shapes" and folder is None else realdata.CLIP_TEMPLATES
-    if spec.kind == "shapes":
-        return shapes_dataset(spec, seed, folder, templates)
-    return realdata.PairsDataset.from_spec(spec, seed, reader, folder, templates or realdata.CLIP_TEMPLATES)
+        return {} if self.folder is None else self.folder.skipped()
 
 
 class HashTokenizer:

@@ -36,7 +36,8 @@ from scalestudy.sinks.trackers import tracker_sinks
 from scalestudy.store import Status, Trial, TrialStore
 from scalestudy.store.sink import StoreSink
 from scalestudy.train import ranks as rk
-from scalestudy.train.data import HashTokenizer, make_dataset
+from scalestudy.train.data import HashTokenizer, dup_caption_rate, normalize
+from scalestudy.train.datasets import make_dataset
 from scalestudy.train.evaluate import evaluate
 from scalestudy.train.models import TwoTower
 from scalestudy.train.monitors import GradNorms, SpikeDetector, UpdateNorm, UpdateRMS, logit_means
@@ -222,9 +223,14 @@ class Trainer:
         lr = lr_at(step, self.trial.derived, cfg.optim.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = self.dataset.train_batch(step, cfg.train.batch_size)
-        images = batch.images[self.local].to(self.device)
-        tokens = self.tokenizer(batch.captions[self.local]).to(self.device)
+        batch = self.dataset.train_batch(step, cfg.train.batch_size, self.local)
+        # uint8 over the wire (a quarter of float32's bytes), normalised on the device.
+        images = normalize(batch.images.to(self.device, non_blocking=True), self.dataset.mean,
+                           self.dataset.std)
+        tokens = self.tokenizer(batch.captions).to(self.device, non_blocking=True)
+        # Rows of the global batch whose caption repeats in it: false negatives for the loss.
+        captions = (batch.captions if self.ranks.world == 1
+                    else self.dataset.train_captions(step, cfg.train.batch_size))
 
         image_features, text_features = self.forward(images, tokens)
         scale = model.logit_scale()
@@ -258,14 +264,14 @@ class Trainer:
         if self.updates is not None and self.update_rms is not None:
             metrics.update(self.updates.measure())
             metrics.update(self.update_rms.read())
-        host: dict[str, Any] = {"step": step, "examples_seen": step * cfg.train.batch_size, "lr": lr}
+        host: dict[str, Any] = {"step": step, "examples_seen": step * cfg.train.batch_size, "lr": lr,
+                                "dup_caption_rate": dup_caption_rate(captions)}
         if model.bias is None:
             host["bias"] = None
         return host, metrics
 
     def evaluate(self, step: int) -> dict[str, Any]:
-        eval_batch = self.dataset.eval_set()
-        results = evaluate(self.model, self.dataset, eval_batch, self.tokenizer, self.device)
+        results = evaluate(self.model, self.dataset, self.tokenizer, self.device)
         return {f"{EVAL}{k}": v for k, v in
                 {"examples_seen": step * self.trial.config.train.batch_size, **results}.items()}
 

@@ -392,6 +392,9 @@ class ImageFolder:
             )
         return self._batch
 
+    def skipped(self) -> dict[str, int]:
+        return self.reader.skipped()
+
     def zeroshot(self, templates: tuple[str, ...]) -> ZeroShotSet:
         """The folder's images, classified over its classes with each class's templates filled in."""
         batch = self.batch()

@@ -255,7 +255,7 @@ class ModelSpec(Spec):
     activation: Literal["gelu", "quick_gelu"] = Field(
         "gelu",
         description="MLP activation of both towers: gelu (exact, erf) or quick_gelu, "
-        "x·sigmoid(1.702x), the approximation OpenAI's CLIP release trained with.",
+        "x·sigmoid(1.702x), the approximation OpenAI's CLIP release trained with (its clip/model.py).",
     )
     norm_eps: float = Field(
         1e-5, gt=0, description="LayerNorm epsilon of both towers (PyTorch's 1e-5; SigLIP uses 1e-6)."
@@ -263,11 +263,13 @@ class ModelSpec(Spec):
     image_pool: Literal["cls", "map"] = Field(
         "cls",
         description="cls: a class token, read after the last block (ViT, CLIP); map: no class "
-        "token, a multi-head attention-pooling head with one learned query (SigLIP, timm's "
-        "AttentionPoolLatent).",
+        "token, multihead attention pooling with one learned query (Lee et al. 2019's PMA; "
+        "SigLIP's ViTs, timm's AttentionPoolLatent).",
     )
     ln_pre: bool = Field(
-        False, description="LayerNorm on the patch tokens before the first block (CLIP's ln_pre)."
+        False,
+        description="LayerNorm on the patch and position embeddings before the first block "
+        "(ln_pre: CLIP §2.4's one change to the ViT).",
     )
     patch_bias: bool = Field(
         True, description="Bias in the patch embedding (CLIP's conv has none; timm's ViT has one)."
@@ -281,10 +283,13 @@ class ModelSpec(Spec):
         "mean",
         description="How a caption becomes one vector: mean over its non-padding tokens (id 0 is "
         "padding); eot: the last non-padding token, the end-of-text token of tokenizers that append "
-        "one (CLIP); last: the final position, padding included (SigLIP).",
+        "one (CLIP §2.4 reads the [EOS] activation); last: the final position, padding included "
+        "(SigLIP, as open_clip configures it).",
     )
     causal_text: bool = Field(
-        False, description="Causal attention in the text tower (CLIP); false is bidirectional."
+        False,
+        description="Causal (masked) self-attention in the text tower, as CLIP §2.4; false is "
+        "bidirectional.",
     )
     text_projection_bias: bool = Field(
         False, description="Bias in the text projection (SigLIP's open_clip config has one; CLIP not)."

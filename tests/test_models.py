@@ -4,6 +4,10 @@ nn.TransformerEncoder towers), presets build the published models, checkpointing
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -114,7 +118,7 @@ def naive_image(tower: ImageTower, spec: ModelSpec, images: torch.Tensor) -> tor
 
 def naive_text(tower: TextTower, spec: ModelSpec, tokens: torch.Tensor) -> torch.Tensor:
     batch, length = tokens.shape
-    x = tower.embed.weight[tokens] + tower.pos[:, :length]
+    x = tower.token_embedding[tokens] + tower.pos[:, :length]
     real = tokens != 0
     allowed = torch.ones(batch, length, length, dtype=torch.bool)
     if spec.causal_text:
@@ -191,7 +195,8 @@ def test_default_towers_compute_what_the_previous_transformer_encoder_towers_com
         # The previous text tower: padding masked (an empty caption attends to it), mean pooled.
         pad = tokens == 0
         pad = pad & ~pad.all(dim=1, keepdim=True)
-        x = old_text(text.embed(tokens) + text.pos, src_key_padding_mask=pad)
+        x = old_text(nn.Embedding.from_pretrained(text.token_embedding, padding_idx=0)(tokens)
+                     + text.pos, src_key_padding_mask=pad)
         keep = (~pad).unsqueeze(-1).float()
         expected_text = text.proj((text.norm(x) * keep).sum(1) / keep.sum(1))
         torch.testing.assert_close(image(images), expected_image, atol=5e-6, rtol=1e-5)
@@ -244,8 +249,12 @@ def test_an_empty_caption_gets_a_finite_embedding() -> None:
 
 
 def test_the_padding_embedding_stays_zero_only_under_mean_pooling() -> None:
-    assert TextTower(spec_of("default")).embed.padding_idx == 0
-    assert TextTower(spec_of("clip")).embed.padding_idx is None
+    # Id 0 is a real token in CLIP's vocabulary ("!"), so eot/last pooling must learn it.
+    for variant, frozen in (("default", True), ("clip", False), ("siglip", False)):
+        text = TextTower(spec_of(variant))
+        text(torch.tensor([[0, 7, 0, 0], [3, 0, 0, 0]])).sum().backward()
+        row, grad = text.token_embedding[0], text.token_embedding.grad[0]
+        assert (not row.any() and not grad.any()) if frozen else (row.any() and grad.any()), variant
 
 
 # ---- presets: the published parameter counts
@@ -394,3 +403,19 @@ def test_checkpointed_blocks_give_the_same_gradients_and_save_less(variant: str)
         # Measured: bitwise equal on CPU (the recomputed forward repeats the same kernels).
         assert torch.equal(plain[name], checkpointed[name]), name
     assert saved[1] < saved[0] / 2
+
+
+def test_count_params_draws_no_random_numbers_on_the_meta_device() -> None:
+    # torch's meta normal_/randn are Python references that import its compiler and sympy on first
+    # use (seconds); counting must stay as quick as building the modules.
+    script = (
+        "import sys; from scalestudy.spec import TrialConfig; "
+        "from scalestudy.train.models import count_params; "
+        "config = TrialConfig.model_validate({'data': {'image_size': 224}, "
+        "'model': {'preset': 'ViT-B-16-SigLIP'}, 'loss': {'kind': 'sigmoid'}}); "
+        "print(count_params(config), 'torch._dynamo' in sys.modules, 'sympy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])})
+    assert out.stdout.split() == ["203155970", "False", "False"]

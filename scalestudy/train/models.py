@@ -31,6 +31,15 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def normal(*shape: int, std: float) -> nn.Parameter:
+    """A parameter drawn from N(0, std²); on the meta device (count_params) nothing is drawn, as
+    torch's meta normal_ is a Python reference whose first call imports its compiler (~2.5 s)."""
+    weight = torch.empty(*shape)
+    if not weight.is_meta:
+        weight.normal_(0.0, std)
+    return nn.Parameter(weight)
+
+
 def eot_index(tokens: torch.Tensor) -> torch.Tensor:
     """Position of each row's last non-padding token (0 for an empty row): the end-of-text token
     of tokenizers that append one, which is where CLIP pools its text (its argmax over ids)."""
@@ -102,7 +111,7 @@ class AttentionPool(nn.Module):
     def __init__(self, width: int, heads: int, activation: str, eps: float) -> None:
         super().__init__()
         self.heads = heads
-        self.latent = nn.Parameter(width**-0.5 * torch.randn(1, 1, width))  # timm: std width^-½
+        self.latent = normal(1, 1, width, std=width**-0.5)  # timm: std width^-½
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)
         self.proj = nn.Linear(width, width)
@@ -136,7 +145,7 @@ class ImageTower(nn.Module):
         tokens = self.grid**2 + (spec.image_pool == "cls")
         self.patchify = nn.Linear(3 * patch * patch, width, bias=spec.patch_bias)
         self.cls = nn.Parameter(torch.zeros(1, 1, width)) if spec.image_pool == "cls" else None
-        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens, width))
+        self.pos = normal(1, tokens, width, std=0.02)
         self.ln_pre = nn.LayerNorm(width, eps=spec.norm_eps) if spec.ln_pre else None
         self.encoder = Encoder(width, spec.depth, spec.heads, spec.activation, spec.norm_eps,
                                spec.grad_checkpointing)
@@ -184,10 +193,12 @@ class TextTower(nn.Module):
         self.pooling = spec.text_pool
         self.causal = spec.causal_text
         self.masks_padding = not spec.causal_text and spec.text_pool != "last"
-        self.embed = nn.Embedding(
-            spec.vocab_size, width, padding_idx=0 if spec.text_pool == "mean" else None
-        )
-        self.pos = nn.Parameter(0.02 * torch.randn(1, spec.context_length, width))
+        self.padding_idx = 0 if spec.text_pool == "mean" else None
+        self.token_embedding = normal(spec.vocab_size, width, std=1.0)  # nn.Embedding's init
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.token_embedding[self.padding_idx] = 0.0
+        self.pos = normal(1, spec.context_length, width, std=0.02)
         self.encoder = Encoder(width, depth, heads, spec.activation, spec.norm_eps,
                                spec.grad_checkpointing)
         self.norm = nn.LayerNorm(width, eps=spec.norm_eps)
@@ -197,7 +208,8 @@ class TextTower(nn.Module):
         keep = tokens != 0
         # An empty caption would mask every key and give NaN attention; let it attend to padding.
         keep = keep | ~keep.any(dim=1, keepdim=True)
-        x = self.embed(tokens) + self.pos[:, : tokens.shape[1]]
+        x = F.embedding(tokens, self.token_embedding, self.padding_idx)
+        x = x + self.pos[:, : tokens.shape[1]]
         mask = keep[:, None, None, :] if self.masks_padding else None
         x = self.encoder(x, mask, self.causal)
         if self.pooling == "mean":

@@ -181,8 +181,9 @@ def load_tokenizer_file(
 def train_bpe(captions: Iterable[str], vocab_size: int) -> HFTokenizerFile:
     """A byte-level BPE of at most `vocab_size` tokens: ids 0–2 are <pad>, <start_of_text>,
     <end_of_text>, then the 256 byte tokens, then merges. Text is lower-cased with runs of
-    whitespace made one space (as CLIP's tokenizer cleans captions), and every caption is wrapped
-    in start and end tokens so `text_pool=eot` reads the end token (CLIP §2.5)."""
+    whitespace made one space (CLIP §2.4 uses a lower-cased BPE and cleans whitespace), and every caption is wrapped
+    in start and end tokens so `text_pool=eot` reads the end token (CLIP §2.4 brackets text with
+    [SOS] and [EOS] and reads the [EOS] activation)."""
     tokenizer = HFTokenizerFile(BPE())
     tokenizer.normalizer = normalizers.Sequence([
         normalizers.NFC(), normalizers.Lowercase(), normalizers.Replace(Regex(r"\s+"), " "),

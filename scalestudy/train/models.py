@@ -205,12 +205,14 @@ class TextTower(nn.Module):
         self.proj = nn.Linear(width, spec.embed_dim, bias=spec.text_projection_bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        keep = tokens != 0
-        # An empty caption would mask every key and give NaN attention; let it attend to padding.
-        keep = keep | ~keep.any(dim=1, keepdim=True)
         x = F.embedding(tokens, self.token_embedding, self.padding_idx)
         x = x + self.pos[:, : tokens.shape[1]]
-        mask = keep[:, None, None, :] if self.masks_padding else None
+        mask = None
+        if self.masks_padding or self.pooling == "mean":
+            keep = tokens != 0
+            # An empty caption would mask every key (NaN attention); let it attend to padding.
+            keep = keep | ~keep.any(dim=1, keepdim=True)
+            mask = keep[:, None, None, :] if self.masks_padding else None
         x = self.encoder(x, mask, self.causal)
         if self.pooling == "mean":
             weights = keep.to(x.dtype)

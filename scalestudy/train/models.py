@@ -72,15 +72,20 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
     ) -> torch.Tensor:
+        # F.* on the parameters rather than calling the submodules: a module call costs about as
+        # much CPU as the tiny model's op itself.
         batch, length, width = x.shape
+        h = F.layer_norm(x, (width,), self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
         q, k, v = (
-            self.qkv(self.ln_1(x))
+            F.linear(h, self.qkv.weight, self.qkv.bias)
             .view(batch, length, 3, self.heads, width // self.heads)
             .permute(2, 0, 3, 1, 4)
         )
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        x = x + self.out(attended.transpose(1, 2).reshape(batch, length, width))
-        return x + self.proj(self.act(self.fc(self.ln_2(x))))
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        x = x + F.linear(h.transpose(1, 2).reshape(batch, length, width), self.out.weight, self.out.bias)
+        h = F.layer_norm(x, (width,), self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
+        h = self.act(F.linear(h, self.fc.weight, self.fc.bias))
+        return x + F.linear(h, self.proj.weight, self.proj.bias)
 
 
 class Encoder(nn.Module):
@@ -205,8 +210,8 @@ class TextTower(nn.Module):
         self.proj = nn.Linear(width, spec.embed_dim, bias=spec.text_projection_bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(tokens, self.token_embedding, self.padding_idx)
-        x = x + self.pos[:, : tokens.shape[1]]
+        pos = self.pos if tokens.shape[1] == self.pos.shape[1] else self.pos[:, : tokens.shape[1]]
+        x = F.embedding(tokens, self.token_embedding, self.padding_idx) + pos
         mask = None
         if self.masks_padding or self.pooling == "mean":
             keep = tokens != 0

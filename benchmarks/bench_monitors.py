@@ -38,7 +38,7 @@ from scalestudy.expand import Derived, Trial, derive, trial_id
 from scalestudy.losses import sigmoid_loss
 from scalestudy.spec import OptimSpec, TrialConfig
 from scalestudy.store import RunStore
-from scalestudy.train.data import HashTokenizer
+from scalestudy.train.tokenizers import HashTokenizer
 from scalestudy.train.datasets import make_dataset
 from scalestudy.train.loop import run_trial
 from scalestudy.train.models import TwoTower

@@ -18,15 +18,16 @@ from pydantic import ValidationError
 
 from scalestudy.errors import SpecError
 from scalestudy.load import format_validation_error, get_dotted, model_at, set_dotted
-from scalestudy.spec import StudySpec, TrialConfig
+from scalestudy.spec import ModelSpec, StudySpec, TrialConfig
 from scalestudy.store.records import Derived, Trial
 
 # CLIP §2.5: logit scale initialised to 1/0.07 (and clipped at 100). SigLIP §3.2: t' = log 10, b = −10.
 DEFAULT_TEMPERATURE = {"softmax": 1 / 0.07, "sigmoid": 10.0}
 DEFAULT_SIGMOID_BIAS = -10.0
 # Parts of the config that do not change what a trial computes, so they are not in its id: where
-# it runs, and which experiment trackers mirror its metrics.
-NOT_IDENTITY = ("resources", "monitor.sinks")
+# it runs, which experiment trackers mirror its metrics, and activation checkpointing (bitwise the
+# same gradients, tests/test_models.py).
+NOT_IDENTITY = ("resources", "monitor.sinks", "model.grad_checkpointing")
 _MISSING = object()
 
 
@@ -105,6 +106,8 @@ def derive(config: TrialConfig) -> Derived:
         else:
             bias = float(rule)
     return Derived(
+        params=_params(config.model.model_dump_json(), config.data.image_size,
+                       kind == "sigmoid" and config.loss.use_bias),
         steps=steps,
         examples_seen=steps * batch,
         lr=lr,
@@ -114,8 +117,22 @@ def derive(config: TrialConfig) -> Derived:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _params(model: str, image_size: int, has_bias: bool) -> int:
+    """The parameter count of a model (by its spec's JSON), computed once per distinct model."""
+    from scalestudy.train.models import count_params  # torch: only plan and run need it
+
+    config = TrialConfig.model_validate({"model": json.loads(model), "data": {"image_size": image_size},
+                                         "loss": {"kind": "sigmoid" if has_bias else "softmax"}})
+    return count_params(config)
+
+
 def _validate_point(base: dict[str, Any], point: dict[str, Any], where: str) -> TrialConfig:
     tree = base
+    if "model.preset" in point:
+        # The base holds every model key its own preset (or the defaults) filled in; keep only
+        # what the study set on top, so the point's preset fills the rest.
+        tree = set_dotted(tree, "model", ModelSpec.model_validate(base["model"]).overrides())
     for key, value in point.items():
         tree = set_dotted(tree, key, value)
     try:

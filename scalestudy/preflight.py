@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from scalestudy.datafiles import class_folders, csv_with_columns, expand_braces
 from scalestudy.errors import SpecError
-from scalestudy.spec import DataSpec
+from scalestudy.spec import DataSpec, ModelSpec
 from scalestudy.store import Trial
 
 
@@ -56,6 +56,19 @@ def _zeroshot_folder(data: DataSpec) -> list[str]:
     return []
 
 
+def check_model(model: ModelSpec) -> list[str]:
+    """A tokenizer file the model names must exist and fit the model."""
+    if model.tokenizer != "file" or model.tokenizer_file is None:
+        return []
+    from scalestudy.train.tokenizers import check_tokenizer_file  # the tokenizers library
+
+    try:
+        check_tokenizer_file(model.tokenizer_file, model.vocab_size, model.context_length)
+    except ValueError as err:
+        return [f"model.tokenizer_file: {err}"]
+    return []
+
+
 def preflight(trials: Iterable[Trial], source: str, axes: Iterable[str] = ()) -> None:
     """Raise a SpecError listing every file problem of the trials (each distinct setting once).
 
@@ -65,12 +78,11 @@ def preflight(trials: Iterable[Trial], source: str, axes: Iterable[str] = ()) ->
     problems: dict[str, None] = {}
     seen: set[str] = set()
     for trial in trials:
-        data = trial.config.data
-        key = data.model_dump_json()
-        if key in seen:
-            continue
-        seen.add(key)
-        problems.update(dict.fromkeys(check_data(data)))
+        for part, check in ((trial.config.data, check_data), (trial.config.model, check_model)):
+            key = part.model_dump_json()
+            if key not in seen:
+                seen.add(key)
+                problems.update(dict.fromkeys(check(part)))
     if problems:
         swept = set(axes)
         raise SpecError("\n".join(

@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from scalestudy.datafiles import absolute
+from scalestudy.train.presets import PRESET_IMAGE_SIZE, PRESETS
 from scalestudy.train.shapes_vocab import CLASSES, COLOURS, MAX_HOLDOUT_PAIRS, SHAPES
 
 
@@ -200,25 +201,179 @@ class DataSpec(Spec):
 
 
 class ModelSpec(Spec):
+    preset: str | None = Field(
+        None,
+        description="A published architecture: ViT-B-32, ViT-B-16 or ViT-L-14 (OpenAI CLIP, Radford "
+        "et al. 2021, Table 20) or ViT-B-16-SigLIP (open_clip's config of Zhai et al. 2023). It "
+        "fills every model.* key the study does not set (see scalestudy/train/presets.py), so "
+        "model.depth=2 shrinks it; the resolved config records the values used.",
+    )
     image_tower: Literal["vit"] = Field("vit", description="Image encoder architecture.")
     patch_size: PositiveInt = Field(8, description="ViT patch side in pixels; must divide data.image_size.")
-    width: PositiveInt = Field(64, description="Transformer width of both towers.")
-    depth: PositiveInt = Field(2, description="Transformer layers per tower.")
-    heads: PositiveInt = Field(4, description="Attention heads; must divide model.width.")
-    embed_dim: PositiveInt = Field(64, description="Dimension of the shared embedding space.")
-    vocab_size: PositiveInt = Field(
-        4096, description="Buckets of the hashing word tokenizer (no vocabulary download needed)."
+    width: PositiveInt = Field(
+        64, description="Transformer width of the image tower, and of the text tower unless "
+        "model.text_width is set."
     )
-    context_length: PositiveInt = Field(16, description="Caption tokens kept (longer captions are cut).")
+    depth: PositiveInt = Field(
+        2, description="Transformer layers of the image tower, and of the text tower unless "
+        "model.text_depth is set."
+    )
+    heads: PositiveInt = Field(
+        4, description="Attention heads of the image tower (and of the text tower unless "
+        "model.text_heads is set); must divide model.width."
+    )
+    embed_dim: PositiveInt = Field(64, description="Dimension of the shared embedding space.")
+    text_width: PositiveInt | None = Field(
+        None, description="Width of the text tower; default model.width (CLIP's ViT-B/32 text is "
+        "512 wide against its image tower's 768)."
+    )
+    text_depth: PositiveInt | None = Field(None, description="Layers of the text tower; default model.depth.")
+    text_heads: PositiveInt | None = Field(
+        None, description="Attention heads of the text tower; default model.heads. Must divide its width."
+    )
+    activation: Literal["gelu", "quick_gelu"] = Field(
+        "gelu",
+        description="MLP activation of both towers: gelu (exact, erf) or quick_gelu, "
+        "x·sigmoid(1.702x), the approximation OpenAI's CLIP release trained with (its clip/model.py).",
+    )
+    norm_eps: float = Field(
+        1e-5, gt=0, description="LayerNorm epsilon of both towers (PyTorch's 1e-5; SigLIP uses 1e-6)."
+    )
+    image_pool: Literal["cls", "map"] = Field(
+        "cls",
+        description="cls: a class token, read after the last block (ViT, CLIP); map: no class "
+        "token, multihead attention pooling with one learned query (Lee et al. 2019's PMA; "
+        "SigLIP's ViTs, timm's AttentionPoolLatent).",
+    )
+    ln_pre: bool = Field(
+        False,
+        description="LayerNorm on the patch and position embeddings before the first block "
+        "(ln_pre: CLIP §2.4's one change to the ViT).",
+    )
+    patch_bias: bool = Field(
+        True, description="Bias in the patch embedding (CLIP's conv has none; timm's ViT has one)."
+    )
+    image_projection: Literal["linear", "none"] = Field(
+        "linear",
+        description="linear: project the pooled image feature to model.embed_dim (no bias); none: "
+        "use it as is (SigLIP), which needs model.embed_dim = model.width.",
+    )
+    text_pool: Literal["mean", "eot", "last"] = Field(
+        "mean",
+        description="How a caption becomes one vector: mean over its non-padding tokens (id 0 is "
+        "padding); eot: the last non-padding token, the end-of-text token of tokenizers that append "
+        "one (CLIP §2.4 reads the [EOS] activation); last: the final position, padding included "
+        "(SigLIP, as open_clip configures it).",
+    )
+    causal_text: bool = Field(
+        False,
+        description="Causal (masked) self-attention in the text tower, as CLIP §2.4; false is "
+        "bidirectional.",
+    )
+    text_projection_bias: bool = Field(
+        False, description="Bias in the text projection (SigLIP's open_clip config has one; CLIP not)."
+    )
+    vocab_size: PositiveInt = Field(
+        4096,
+        description="Token ids of the text tower: the buckets of the hash tokenizer, the tokens the "
+        "bpe tokenizer learns, or the vocabulary of model.tokenizer_file (must match it).",
+    )
+    context_length: PositiveInt = Field(
+        16, description="Caption tokens kept, special tokens included (longer captions are cut, "
+        "keeping the end-of-text token)."
+    )
+    tokenizer: Literal["hash", "bpe", "file"] = Field(
+        "hash",
+        description="hash: lower-cased words hashed into model.vocab_size − 1 ids (no vocabulary); "
+        "bpe: a byte-level BPE of model.vocab_size tokens trained once on a sample of the training "
+        "captions and kept in the run directory; file: the tokenizer.json in model.tokenizer_file.",
+    )
+    tokenizer_file: str | None = Field(
+        None,
+        description="model.tokenizer=file: a tokenizer.json in Hugging Face tokenizers format (e.g. "
+        "CLIP's or SigLIP's). Recorded as an absolute path.",
+    )
+    grad_checkpointing: bool = Field(
+        False,
+        description="Recompute each transformer block's activations in the backward pass instead "
+        "of storing them (less memory, about one more forward of compute; same gradients).",
+    )
     lock_image: bool = Field(False, description="Freeze the image tower (LiT-style locked tuning).")
     lock_text: bool = Field(False, description="Freeze the text tower.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_fills_unset_keys(cls, data: Any) -> Any:
+        # Resolved before validation, like executor.slurm.profile, so the trial's config records
+        # the architecture trained and reloading it changes nothing.
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = data["preset"]
+            if name not in PRESETS:
+                raise ValueError(
+                    f"model.preset={name!r} is not a known architecture; use one of "
+                    f"{', '.join(PRESETS)}, or leave it out and set model.width, model.depth, …"
+                )
+            return {**PRESETS[name], **data}
+        return data
+
+    @field_validator("tokenizer_file")
+    @classmethod
+    def _tokenizer_file_is_absolute(cls, path: str | None) -> str | None:
+        return None if path is None else absolute(path)
+
+    @property
+    def text_tower(self) -> tuple[int, int, int]:
+        """(width, depth, heads) of the text tower."""
+        return (self.text_width or self.width, self.text_depth or self.depth,
+                self.text_heads or self.heads)
+
+    def overrides(self) -> dict[str, Any]:
+        """The keys whose values model.preset (or, without one, the defaults) would not give.
+
+        What a study set on top of its preset; a sweep that switches the preset keeps these and
+        lets the new preset fill the rest.
+        """
+        given = ModelSpec(preset=self.preset).model_dump(mode="json")
+        mine = self.model_dump(mode="json")
+        return {key: value for key, value in mine.items() if key == "preset" or value != given[key]}
+
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelSpec:
-        if self.width % self.heads:
+        text_width, _, text_heads = self.text_tower
+        for tower, width, heads, width_key, heads_key in (
+            ("image", self.width, self.heads, "width", "heads"),
+            ("text", text_width, text_heads, "text_width" if self.text_width else "width",
+             "text_heads" if self.text_heads else "heads"),
+        ):
+            if width % heads:
+                raise ValueError(
+                    f"model.{heads_key}={heads} must divide the {tower} tower's width "
+                    f"model.{width_key}={width}; pick heads from "
+                    f"{[h for h in range(1, width + 1) if width % h == 0][:8]}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _projection_and_tokenizer_fit(self) -> ModelSpec:
+        if self.image_projection == "none" and self.embed_dim != self.width:
             raise ValueError(
-                f"model.heads={self.heads} must divide model.width={self.width}; "
-                f"pick heads from {[h for h in range(1, self.width + 1) if self.width % h == 0][:8]}"
+                f"model.image_projection=none uses the pooled image feature as the embedding, so "
+                f"model.embed_dim={self.embed_dim} must equal model.width={self.width}; set them "
+                "equal or use model.image_projection=linear"
+            )
+        if (self.tokenizer == "file") != (self.tokenizer_file is not None):
+            raise ValueError(
+                "model.tokenizer_file is read only with model.tokenizer=file; "
+                + ("set model.tokenizer_file to a tokenizer.json" if self.tokenizer == "file"
+                   else f"remove it or set model.tokenizer=file (now {self.tokenizer})")
+            )
+        # Id 0 is padding, so the hash tokenizer needs at least one more id for words; a byte-level
+        # BPE starts from 256 byte tokens plus its 3 special tokens.
+        least = {"hash": 2, "bpe": 256 + 3, "file": 1}[self.tokenizer]
+        if self.vocab_size < least:
+            raise ValueError(
+                f"model.vocab_size={self.vocab_size} is too small for model.tokenizer="
+                f"{self.tokenizer}; it needs at least {least}"
             )
         return self
 
@@ -494,9 +649,15 @@ class TrialConfig(Spec):
     @model_validator(mode="after")
     def _patches_tile_image(self) -> TrialConfig:
         if self.data.image_size % self.model.patch_size:
+            preset = self.model.preset
+            hint = (
+                f" (model.preset={preset} sets it; the preset was published at data.image_size="
+                f"{PRESET_IMAGE_SIZE[preset]}, or set model.patch_size yourself)"
+                if preset is not None and "patch_size" not in self.model.overrides() else ""
+            )
             raise ValueError(
                 f"model.patch_size={self.model.patch_size} must divide data.image_size="
-                f"{self.data.image_size}"
+                f"{self.data.image_size}{hint}"
             )
         return self
 

@@ -16,7 +16,8 @@ from PIL import Image
 from torch import nn
 
 from scalestudy.spec import DataSpec, ModelSpec
-from scalestudy.train.data import Batch, HashTokenizer, ZeroShotSet, ZeroShotTask
+from scalestudy.train.data import Batch, ZeroShotSet, ZeroShotTask
+from scalestudy.train.tokenizers import HashTokenizer
 from scalestudy.train.datasets import make_dataset
 from scalestudy.train.evaluate import class_embeddings, evaluate, linear_probe_top1, recall_at
 from scalestudy.train.models import TwoTower

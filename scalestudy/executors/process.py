@@ -48,7 +48,9 @@ def trial_env(environ: Mapping[str, str], cpus: int, gpus: Sequence[str] | None)
     override a value the driver already had. `gpus` is None only where nothing assigns GPUs (a
     machine without any): the trial then sees what its parent sees.
     """
-    env = dict(environ, OMP_NUM_THREADS=str(cpus))
+    # TOKENIZERS_PARALLELISM: Hugging Face tokenizers (model.tokenizer: bpe|file) would start a
+    # thread per core beside the trial's torch threads, and warn after every fork.
+    env = dict(environ, OMP_NUM_THREADS=str(cpus), TOKENIZERS_PARALLELISM="false")
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     return env

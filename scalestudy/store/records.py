@@ -90,6 +90,9 @@ class Derived(BaseModel):
     bias_init: float | None = Field(
         description="Initial sigmoid bias b; None for softmax and for sigmoid with use_bias=false."
     )
+    params: int | None = Field(
+        None, description="Parameters of the model, t and b included (frozen towers too)."
+    )
 
 
 class Trial(BaseModel):

@@ -413,29 +413,3 @@ class ShapesDataset:
 
     def skipped(self) -> dict[str, int]:
         return {} if self.folder is None else self.folder.skipped()
-
-
-class HashTokenizer:
-    """Lower-cased words hashed (crc32, stable across processes) into `vocab_size − 1` ids.
-
-    Needs no vocabulary file or download; 0 is padding. Collisions are rare at a few thousand
-    buckets for caption vocabularies of a few hundred words.
-    """
-
-    def __init__(self, vocab_size: int, context_length: int) -> None:
-        self.vocab_size = vocab_size
-        self.context_length = context_length
-        self._cache: dict[str, int] = {}
-
-    def _id(self, word: str) -> int:
-        if word not in self._cache:
-            self._cache[word] = 1 + zlib.crc32(word.encode()) % (self.vocab_size - 1)
-        return self._cache[word]
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        for row, text in enumerate(texts):
-            ids = [self._id(w) for w in re.findall(r"[a-z0-9]+", text.lower())]
-            ids = ids[: self.context_length]
-            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out

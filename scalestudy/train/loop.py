@@ -16,6 +16,7 @@ signal or at the first non-finite step.
 from __future__ import annotations
 
 import functools
+import hashlib
 import signal
 import threading
 import time
@@ -23,6 +24,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,16 +35,18 @@ from scalestudy.errors import DivergedError, Preempted
 from scalestudy.losses import sigmoid_loss, softmax_loss
 from scalestudy.sinks import EVAL, SUMMARY, MetricsSink, Sinks
 from scalestudy.sinks.trackers import tracker_sinks
+from scalestudy.spec import TrialConfig
 from scalestudy.store import Status, Trial, TrialStore
 from scalestudy.store.sink import StoreSink
 from scalestudy.train import ranks as rk
-from scalestudy.train.data import HashTokenizer, dup_caption_rate, normalize
+from scalestudy.train.data import dup_caption_rate, normalize
 from scalestudy.train.datasets import make_dataset
 from scalestudy.train.evaluate import evaluate
 from scalestudy.train.models import TwoTower
 from scalestudy.train.monitors import GradNorms, SpikeDetector, UpdateNorm, UpdateRMS, logit_means
 from scalestudy.train.optim import NonFiniteGate, lr_at, make_optimizer
 from scalestudy.train.recorder import DeviceRows, first_bad
+from scalestudy.train.tokenizers import Tokenizer, make_tokenizer
 from scalestudy.train.summary import summarize
 
 # A single-process trial brings its metrics to the host (and so to status and the dashboard) at
@@ -185,12 +189,12 @@ class Trainer:
     gate: NonFiniteGate
     updates: UpdateNorm | None  # the extended monitors (monitor.extended)
     update_rms: UpdateRMS | None
-    tokenizer: HashTokenizer
+    tokenizer: Tokenizer
     dataset: Any
     local: slice
 
     @classmethod
-    def build(cls, trial: Trial, ranks: rk.Ranks, device: torch.device) -> Trainer:
+    def build(cls, trial: Trial, ranks: rk.Ranks, device: torch.device, run_dir: Path) -> Trainer:
         cfg, derived = trial.config, trial.derived
         torch.manual_seed(cfg.train.seed)  # the same init on every rank
         model = TwoTower(cfg.model, cfg.data.image_size, derived.temperature_init, derived.bias_init,
@@ -208,7 +212,7 @@ class Trainer:
             gate=NonFiniteGate(device),
             updates=UpdateNorm(params) if extended else None,
             update_rms=UpdateRMS(model, optimizer) if extended else None,
-            tokenizer=HashTokenizer(cfg.model.vocab_size, cfg.model.context_length),
+            tokenizer=trial_tokenizer(cfg, run_dir),
             dataset=make_dataset(cfg.data, cfg.train.seed),
             local=slice(ranks.rank * batch // ranks.world, (ranks.rank + 1) * batch // ranks.world),
         )
@@ -297,12 +301,34 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+# A BPE tokenizer learns its merges from this many training captions (SigLIP trained its
+# SentencePiece model on its own data the same way; a sample suffices for a vocabulary).
+BPE_SAMPLE_BATCHES, BPE_SAMPLE_BATCH = 200, 256
+
+
+def trial_tokenizer(cfg: TrialConfig, run_dir: Path) -> Tokenizer:
+    """model.tokenizer's tokenizer. A bpe one is trained once per dataset and vocabulary size and
+    kept in RUN_DIR/tokenizers/, so every trial on that data, every rank and every resume reads
+    the same file; its sample is the captions of a fixed stream (seed 0), not the trial's."""
+    spec = cfg.model
+    if spec.tokenizer != "bpe":
+        return make_tokenizer(spec)
+    key = hashlib.sha256(f"{cfg.data.model_dump_json()}|{spec.vocab_size}".encode()).hexdigest()[:12]
+
+    def captions() -> Iterator[str]:
+        sample = make_dataset(cfg.data, seed=0)
+        for step in range(1, BPE_SAMPLE_BATCHES + 1):
+            yield from sample.train_captions(step, BPE_SAMPLE_BATCH)
+
+    return make_tokenizer(spec, run_dir / "tokenizers" / f"bpe-{key}.json", captions)
+
+
 def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Ranks,
           device: torch.device, extra_sinks: list[MetricsSink] | None = None) -> dict[str, Any] | None:
     """The loop: steps, flushes, evaluations, checkpoints; a summary at the end (rank 0)."""
     cfg, derived = trial.config, trial.derived
     attempt_start = time.time()
-    trainer = Trainer.build(trial, ranks, device)
+    trainer = Trainer.build(trial, ranks, device, store.path.parent.parent)
     leader, distributed = ranks.leader, ranks.world > 1
     sinks = Sinks([StoreSink(store, derived.steps), *(extra_sinks or []),
                    *tracker_sinks(trial, store.path)] if leader else [])

@@ -276,6 +276,16 @@ class LossSpec(Spec):
         description="Sigmoid loss: fraction of negative pairs dropped at random each step "
         "(SigLIP §4.7's positive:negative ratio study); seeded by train.seed and the step.",
     )
+    duplicates: Literal["negative", "positive", "masked"] = Field(
+        "negative",
+        description="What two rows of a batch with the same caption are to each other. negative: "
+        "the papers' losses (CLIP §2.3, SigLIP §3.1), which count them as negatives (false "
+        "negatives); positive: the sigmoid loss labels the pair +1, the softmax loss's target "
+        "is uniform over the caption's rows (multi-positive cross-entropy); masked: the sigmoid "
+        "loss drops the pair, the softmax loss leaves it out of its denominator. With positive "
+        "or masked only pairs of different captions are negatives: loss.negative_weight and "
+        "loss.negative_mask_ratio apply to them alone, and balanced counts them alone.",
+    )
     chunk_size: PositiveInt | None = Field(
         None,
         description="Compute the loss in blocks of this many columns, never forming the B×B "
@@ -304,6 +314,12 @@ class LossSpec(Spec):
             raise ValueError(
                 f"loss.bias_init={self.bias_init} is set but loss.use_bias=false fixes b = 0; "
                 "remove one of them"
+            )
+        if self.duplicates == "masked" and self.negative_weight == 0:
+            raise ValueError(
+                "loss.duplicates=masked changes nothing with loss.negative_weight=0: every negative "
+                "pair, duplicate captions included, already weighs 0; use loss.duplicates=negative "
+                "(or positive), or a loss.negative_weight above 0"
             )
         return self
 

@@ -534,5 +534,24 @@ def test_bad_arguments_are_rejected_with_the_value_and_the_fix(
         call(torch.ones(4, 3))
 
 
+# --- the study file's loss.duplicates (scalestudy.spec.LossSpec) ---------------------------
+
+
+def test_the_loss_spec_counts_duplicate_captions_as_negatives_unless_told() -> None:
+    assert LossSpec().duplicates == "negative"
+    assert LossSpec(kind="softmax", duplicates="positive").duplicates == "positive"
+    assert LossSpec(duplicates="masked", negative_weight="balanced", negative_mask_ratio=0.5).duplicates == "masked"
+
+
+def test_masked_duplicates_without_negative_weight_are_rejected_as_changing_nothing() -> None:
+    with pytest.raises(ValidationError, match=r"loss.duplicates=masked changes nothing with loss.negative_weight=0"):
+        LossSpec(duplicates="masked", negative_weight=0)
+
+
+def test_an_unknown_duplicates_option_names_the_three_that_exist() -> None:
+    with pytest.raises(ValidationError, match="'negative', 'positive' or 'masked'"):
+        LossSpec(duplicates="ignore")
+
+
 def test_the_docstring_examples_run() -> None:
     assert doctest.testmod(scalestudy.losses, verbose=False).failed == 0

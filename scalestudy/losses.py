@@ -52,8 +52,8 @@ _M32 = 0xFFFFFFFF
 
 
 def caption_groups(captions: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
-    """Group ids of a batch's captions: equal captions share an id (the index of its first occurrence
-    among the distinct captions), for the losses' ``groups``.
+    """Group ids of a batch's captions for the losses' ``groups``: equal captions share an id, and
+    ids count the distinct captions in order of first appearance (0, 1, …).
 
     >>> caption_groups(["a red circle", "a blue square", "a red circle"]).tolist()
     [0, 1, 0]
@@ -62,7 +62,7 @@ def caption_groups(captions: Sequence[str], device: torch.device | str | None = 
     return torch.tensor([first[caption] for caption in captions], dtype=torch.long, device=device)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity, never field by field
 class Groups:
     """The caption groups of the global batch's rows, when some rows share one and are not negatives.
 
@@ -603,7 +603,12 @@ def softmax_loss(
     - ``"masked"``: the same-caption columns j ≠ i are left out of row i's softmax (and the
       same-caption rows out of column j's), so the diagonal competes only with other captions.
 
-    With no two ids equal all three are the paper's loss exactly.
+    With no two ids equal all three are the paper's loss exactly. When equal captions have equal
+    text features (a deterministic text tower, as in this project's trainer), ``"positive"`` *is*
+    the paper's loss, in value and in the gradients reaching both towers and t: the paper's
+    image→text softmax already spreads each image's target over its caption's identical columns,
+    and those columns together already target all of the caption's images. Only ``"masked"``
+    then changes training: each row's denominator loses the copies of its positive's exp(s_ii).
 
     ``chunk_size=None``: the naive formula; peak memory a handful of B×B tensors (logits, two
     log-softmaxes and their gradients). ``chunk_size=c``: streaming softmax — an online

@@ -280,9 +280,9 @@ class LossSpec(Spec):
         "negative",
         description="What two rows of a batch with the same caption are to each other. negative: "
         "the papers' losses (CLIP §2.3, SigLIP §3.1), which count them as negatives (false "
-        "negatives); positive: the sigmoid loss labels the pair +1, the softmax loss's target "
-        "is uniform over the caption's rows (multi-positive cross-entropy); masked: the sigmoid "
-        "loss drops the pair, the softmax loss leaves it out of its denominator. With positive "
+        "negatives); positive (sigmoid only): the pair is labelled +1; masked: the sigmoid "
+        "loss drops the pair, the softmax loss leaves it out of its denominator. (A multi-positive "
+        "softmax would equal CLIP's here, as equal captions get equal text features.) With positive "
         "or masked only pairs of different captions are negatives: loss.negative_weight and "
         "loss.negative_mask_ratio apply to them alone, and balanced counts them alone.",
     )
@@ -314,6 +314,15 @@ class LossSpec(Spec):
             raise ValueError(
                 f"loss.bias_init={self.bias_init} is set but loss.use_bias=false fixes b = 0; "
                 "remove one of them"
+            )
+        if self.kind == "softmax" and self.duplicates == "positive":
+            # Equal captions get equal text features, and the multi-positive cross-entropy then
+            # equals CLIP's in value and gradients (proven in tests/test_losses.py).
+            raise ValueError(
+                "loss.duplicates=positive changes nothing for loss.kind=softmax: equal captions "
+                "get equal text features, and CLIP's softmax already spreads each image's target "
+                "over its caption's identical columns; use loss.duplicates=masked to take them out "
+                "of the softmax, or loss.kind=sigmoid"
             )
         if self.duplicates == "masked" and self.negative_weight == 0:
             raise ValueError(

@@ -415,6 +415,24 @@ def test_masking_duplicates_lowers_each_softmax_row_by_the_log_of_its_lost_denom
     assert (lost_rows[[2]] == 0).all()  # a caption of its own loses nothing
 
 
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_with_equal_features_for_equal_captions_positive_duplicates_leave_the_softmax_loss_unchanged(
+    chunk: int | None
+) -> None:
+    # As in training: one text embedding per caption, so duplicate rows' text features are equal.
+    # The gradients reach the images, the caption embeddings and t.
+    groups = torch.tensor([0, 1, 0, 2, 1, 0, 3])
+    images, captions = features(7, 5, seed=31)[0], features(4, 5, seed=32)[0]
+    t = scalar(7.0)
+    loss = lambda duplicates: lambda x, e, t: softmax_loss(  # noqa: E731
+        x, e[groups], t, chunk, groups=groups, duplicates=duplicates)
+    plain = value_and_grads(loss("negative"), images, captions, t)
+    assert_same(value_and_grads(loss("positive"), images, captions, t), plain)
+    masked = value_and_grads(loss("masked"), images, captions, t)
+    assert masked[0] < plain[0] - 0.1  # masking does change it: each row loses copies of exp(s_ii)
+    assert not torch.allclose(masked[2], plain[2])
+
+
 def test_caption_groups_give_equal_captions_the_same_id_in_order_of_first_appearance() -> None:
     groups = caption_groups(["a red circle", "a blue square", "a red circle", "", "a blue square"])
     assert groups.dtype == torch.long
@@ -539,13 +557,19 @@ def test_bad_arguments_are_rejected_with_the_value_and_the_fix(
 
 def test_the_loss_spec_counts_duplicate_captions_as_negatives_unless_told() -> None:
     assert LossSpec().duplicates == "negative"
-    assert LossSpec(kind="softmax", duplicates="positive").duplicates == "positive"
+    assert LossSpec(kind="softmax", duplicates="masked").duplicates == "masked"
+    assert LossSpec(duplicates="positive", negative_weight=0).duplicates == "positive"
     assert LossSpec(duplicates="masked", negative_weight="balanced", negative_mask_ratio=0.5).duplicates == "masked"
 
 
 def test_masked_duplicates_without_negative_weight_are_rejected_as_changing_nothing() -> None:
     with pytest.raises(ValidationError, match=r"loss.duplicates=masked changes nothing with loss.negative_weight=0"):
         LossSpec(duplicates="masked", negative_weight=0)
+
+
+def test_positive_duplicates_for_the_softmax_loss_are_rejected_as_changing_nothing() -> None:
+    with pytest.raises(ValidationError, match="loss.duplicates=positive changes nothing for loss.kind=softmax"):
+        LossSpec(kind="softmax", duplicates="positive")
 
 
 def test_an_unknown_duplicates_option_names_the_three_that_exist() -> None:

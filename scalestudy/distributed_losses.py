@@ -90,8 +90,9 @@ def _sigmoid_ring(
     Hop k holds the text rows of rank r−k, and sends them on to rank r+1 while the tiles are
     computed (the exchange overlaps the compute, as in big_vision's SigLIP). Positives occur
     at hop 0, the home block, and — duplicate captions as positives — wherever the groups of a
-    row and a column agree (`sigmoid_tiles` compares them by global index). Returns ℓ_r with ∂ℓ_r/∂(x, t, b) and, per hop, ∂ℓ_r/∂(the
-    text rows held at that hop) — the latter still to be sent home by the backward.
+    row and a column agree (`sigmoid_tiles` compares them by global index). Returns ℓ_r with
+    ∂ℓ_r/∂(x, t, b) and, per hop, ∂ℓ_r/∂(the text rows held at that hop) — the latter still to be
+    sent home by the backward.
     """
     world, rank = dist.get_world_size(), dist.get_rank()
     n, norm = x.shape[0], x.shape[0] * world

@@ -76,7 +76,9 @@ class Groups:
     counts: torch.Tensor
     same_pairs: int
 
-    def same(self, row_start: int, n_rows: int, col_start: int, n_cols: int, diagonal: bool = True) -> torch.Tensor:
+    def same(
+        self, row_start: int, n_rows: int, col_start: int, n_cols: int, diagonal: bool = True
+    ) -> torch.Tensor:
         """Bool tile: whether global rows/columns [start, start+n) are in the same group.
 
         ``diagonal=False`` clears the pairs of a row with itself (i = j).
@@ -111,7 +113,8 @@ def resolve_groups(
     _, ids, counts = torch.unique(groups, return_inverse=True, return_counts=True)
     if counts.numel() == batch_size:
         return None
-    return Groups(duplicates, ids.to(device), counts.to(device), int((counts * counts).sum()))  # type: ignore[arg-type]
+    same_pairs = int((counts * counts).sum())
+    return Groups(duplicates, ids.to(device), counts.to(device), same_pairs)  # type: ignore[arg-type]
 
 
 # --- which negatives count, and how much ------------------------------------------------------
@@ -359,7 +362,8 @@ def _group_targets(
     of y, where the ranks' parts add up).
     """
     batch = groups.ids.shape[0]
-    if (over_rows and (col_start, y.shape[0]) != (0, batch)) or (over_cols and (row_start, x.shape[0]) != (0, batch)):
+    whole_columns, whole_rows = (col_start, y.shape[0]) == (0, batch), (row_start, x.shape[0]) == (0, batch)
+    if (over_rows and not whole_columns) or (over_cols and not whole_rows):
         raise ValueError("softmax_tiles: with duplicate captions as positives, every row scored "
                          "needs the whole batch as its columns")
     row_ids = groups.ids[row_start:row_start + x.shape[0]]
@@ -426,7 +430,8 @@ def softmax_tiles(
         row_positives = (xt * targets[0]).sum(1)
         col_positives = (y * t * targets[1]).sum(1)
     else:
-        row_positives = col_positives = (xt[lo - row_start:hi - row_start] * y[lo - col_start:hi - col_start]).sum(1)
+        paired = slice(lo - row_start, hi - row_start), slice(lo - col_start, hi - col_start)
+        row_positives = col_positives = (xt[paired[0]] * y[paired[1]]).sum(1)
     # Each cross-entropy as (max − positive) + log Σ exp(s − max): the positive is usually the
     # max, so this keeps float32's digits where lse − positive would cancel them away.
     total = x.new_zeros(())

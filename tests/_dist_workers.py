@@ -50,7 +50,8 @@ CASES: dict[str, tuple[Loss, Loss, bool, dict[str, Any]]] = {
     "sigmoid duplicates masked, masked negatives": (
         distributed_sigmoid_loss, sigmoid_loss, True,
         {"duplicates": "masked", "negative_weight": "balanced", "negative_mask_ratio": 0.4}),
-    "softmax duplicates positive": (distributed_softmax_loss, softmax_loss, False, {"duplicates": "positive"}),
+    "softmax duplicates positive": (distributed_softmax_loss, softmax_loss, False,
+                                    {"duplicates": "positive"}),
     "softmax duplicates masked chunk 4": (distributed_softmax_loss, softmax_loss, False,
                                           {"duplicates": "masked", "chunk_size": 4}),
 }

@@ -186,7 +186,9 @@ def test_the_negative_mask_is_deterministic_given_the_generator_and_changes_with
 # --- losses that predict their own difference from the plain loss ---------------------------
 
 
-def sigmoid_terms(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sigmoid_terms(
+    x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain loss's positive and negative terms −log σ(±s_ij), as B×B matrices (0 elsewhere)."""
     logits = (t * x @ y.t() + b).detach()
     eye = torch.eye(x.shape[0], dtype=torch.bool)
@@ -194,7 +196,9 @@ def sigmoid_terms(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, b: torch.Te
 
 
 @pytest.mark.parametrize("chunk", [None, 3])
-def test_a_balanced_sigmoid_loss_shrinks_the_plain_losss_negative_part_by_b_minus_one(chunk: int | None) -> None:
+def test_a_balanced_sigmoid_loss_shrinks_the_plain_losss_negative_part_by_b_minus_one(
+    chunk: int | None
+) -> None:
     x, y = features(9, 4, seed=20)
     t, b = scalar(10.0), scalar(-2.0)
     positive_terms, negative_terms = sigmoid_terms(x, y, t, b)
@@ -205,7 +209,9 @@ def test_a_balanced_sigmoid_loss_shrinks_the_plain_losss_negative_part_by_b_minu
 
 
 @pytest.mark.parametrize("chunk", [None, 3])
-def test_a_masked_sigmoid_loss_lacks_exactly_the_negative_terms_of_the_dropped_pairs(chunk: int | None) -> None:
+def test_a_masked_sigmoid_loss_lacks_exactly_the_negative_terms_of_the_dropped_pairs(
+    chunk: int | None
+) -> None:
     x, y = features(9, 4, seed=21)
     t, b = scalar(10.0), scalar(-2.0)
     _, negative_terms = sigmoid_terms(x, y, t, b)
@@ -273,7 +279,9 @@ def random_groups(batch: int, ids: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("duplicates", ["positive", "masked"])
 @pytest.mark.parametrize("bias", [-3.0, None])
-def test_naive_sigmoid_with_duplicate_captions_matches_the_per_pair_formula(duplicates: str, bias: float | None) -> None:
+def test_naive_sigmoid_with_duplicate_captions_matches_the_per_pair_formula(
+    duplicates: str, bias: float | None
+) -> None:
     x, y = features(7, 4, seed=23)
     t, b = scalar(5.0), None if bias is None else scalar(bias)
     groups = torch.tensor([4, 9, 4, 2, 9, 4, 5])
@@ -353,7 +361,8 @@ def test_without_duplicate_captions_every_option_is_exactly_the_papers_loss(
         duplicates=duplicates), x, y, t, b)
     assert all(torch.equal(a, e) for a, e in zip(with_ids, plain))
     plain = value_and_grads(lambda *a: softmax_loss(*a, chunk), x, y, t)
-    with_ids = value_and_grads(lambda *a: softmax_loss(*a, chunk, groups=distinct, duplicates=duplicates), x, y, t)
+    with_ids = value_and_grads(
+        lambda *a: softmax_loss(*a, chunk, groups=distinct, duplicates=duplicates), x, y, t)
     assert all(torch.equal(a, e) for a, e in zip(with_ids, plain))
 
 
@@ -369,7 +378,9 @@ def test_duplicates_as_negatives_ignore_the_groups(chunk: int | None) -> None:
 
 @pytest.mark.parametrize("chunk", [None, 3])
 @pytest.mark.parametrize(("duplicates", "weight"), [("positive", 0.6), ("masked", 0.4)])
-def test_balanced_weights_count_only_pairs_of_different_captions(duplicates: str, weight: float, chunk: int | None) -> None:
+def test_balanced_weights_count_only_pairs_of_different_captions(
+    duplicates: str, weight: float, chunk: int | None
+) -> None:
     # Captions a a b c: 16 pairs, 6 in the same caption (4 diagonal + 2), 10 negatives.
     # positive: 6 positives / 10 negatives; masked: 4 positives / 10 negatives.
     x, y = features(4, 3, seed=28)
@@ -459,7 +470,9 @@ def test_tiled_losses_differentiate_only_the_inputs_that_require_grad() -> None:
 
 @pytest.mark.parametrize("duplicates", ["negative", "positive", "masked"])
 @pytest.mark.parametrize("loss", [sigmoid_loss, softmax_loss])
-def test_tiled_losses_stay_finite_and_exact_at_extreme_logits(loss: Callable[..., torch.Tensor], duplicates: str) -> None:
+def test_tiled_losses_stay_finite_and_exact_at_extreme_logits(
+    loss: Callable[..., torch.Tensor], duplicates: str
+) -> None:
     # t = 1000 puts logits at ±1000, far past float32's exp overflow at 88.
     x, y = features(10, 3, seed=8, dtype=torch.float32)
     t = scalar(1000.0, torch.float32)
@@ -559,16 +572,19 @@ def test_the_loss_spec_counts_duplicate_captions_as_negatives_unless_told() -> N
     assert LossSpec().duplicates == "negative"
     assert LossSpec(kind="softmax", duplicates="masked").duplicates == "masked"
     assert LossSpec(duplicates="positive", negative_weight=0).duplicates == "positive"
-    assert LossSpec(duplicates="masked", negative_weight="balanced", negative_mask_ratio=0.5).duplicates == "masked"
+    masked = LossSpec(duplicates="masked", negative_weight="balanced", negative_mask_ratio=0.5)
+    assert masked.duplicates == "masked"
 
 
 def test_masked_duplicates_without_negative_weight_are_rejected_as_changing_nothing() -> None:
-    with pytest.raises(ValidationError, match=r"loss.duplicates=masked changes nothing with loss.negative_weight=0"):
+    with pytest.raises(ValidationError,
+                       match=r"loss.duplicates=masked changes nothing with loss.negative_weight=0"):
         LossSpec(duplicates="masked", negative_weight=0)
 
 
 def test_positive_duplicates_for_the_softmax_loss_are_rejected_as_changing_nothing() -> None:
-    with pytest.raises(ValidationError, match="loss.duplicates=positive changes nothing for loss.kind=softmax"):
+    with pytest.raises(ValidationError,
+                       match="loss.duplicates=positive changes nothing for loss.kind=softmax"):
         LossSpec(kind="softmax", duplicates="positive")
 
 

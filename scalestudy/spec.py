@@ -267,7 +267,9 @@ class LossSpec(Spec):
         None,
         description="Sigmoid loss: weight on each negative pair's term (default 1). balanced = "
         "1/(B−1), so the B positives and B(B−1) negatives weigh the same in total — a bias-free "
-        "answer to the imbalance SigLIP's bias init addresses (§3.2).",
+        "answer to the imbalance SigLIP's bias init addresses (§3.2); with loss.duplicates "
+        "positive or masked it is the number of positive pairs over the number of pairs of "
+        "different captions, counted in each batch.",
     )
     negative_mask_ratio: float = Field(
         0.0,

@@ -214,19 +214,18 @@ def _pair_tile(
     """
     if negatives.plain:
         return None, None
+    groups = negatives.groups
+    same = None if groups is None else groups.same(row_start, n_rows, col_start, n_cols)
+    positives = same if groups is not None and groups.mode == "positive" else None
+    if positives is not None and negatives.weight == 1.0 and negatives.mask_ratio == 0.0:
+        return None, positives  # every pair weighs 1
     weights = torch.full((n_rows, n_cols), negatives.weight, dtype=dtype, device=device)
     if negatives.mask_ratio > 0:
         rows = torch.arange(row_start, row_start + n_rows, device=device)
         cols = torch.arange(col_start, col_start + n_cols, device=device)
         weights.mul_(_kept_pairs(rows, cols, negatives))
-    positives = None
-    if negatives.groups is not None:
-        same = negatives.groups.same(row_start, n_rows, col_start, n_cols)
-        if negatives.groups.mode == "positive":
-            weights.masked_fill_(same, 1.0)
-            positives = same
-        else:
-            weights.masked_fill_(same, 0.0)
+    if same is not None:
+        weights.masked_fill_(same, 1.0 if positives is not None else 0.0)
     torch.diagonal(weights, row_start - col_start).fill_(1.0)
     return weights, positives
 
@@ -310,10 +309,13 @@ def sigmoid_tiles(
         weights, same = _pair_tile(row_start + i0, i1 - i0, col_start + j0, j1 - j0, negatives,
                                    s.dtype, s.device)
         if same is not None:  # duplicate captions are positives: z_ij = +1 off the diagonal too
-            total += F.softplus(torch.where(same, -s, s)).mul_(weights).sum()  # type: ignore[arg-type]
+            z = same.to(s.dtype)
+            # −z·s exactly (s − 2s = −s), so positives are softplus(−s) directly, as below.
+            terms = F.softplus(torch.addcmul(s, s, z, value=-2.0))
+            total += (terms if weights is None else terms.mul_(weights)).sum()
             if grads is not None:
-                g = s.sigmoid_().mul_(weights).sub_(same.to(s.dtype))  # type: ignore[arg-type]
-                grads.add(g, x[i0:i1], y[j0:j1], i0, j0)
+                g = s.sigmoid_() if weights is None else s.sigmoid_().mul_(weights)
+                grads.add(g.sub_(z), x[i0:i1], y[j0:j1], i0, j0)
             continue
         positives = torch.diagonal(s, (row_start + i0) - (col_start + j0))
         terms = F.softplus(s) if weights is None else F.softplus(s).mul_(weights)

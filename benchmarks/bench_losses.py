@@ -10,6 +10,9 @@ run; Linux only) over one warm-up and ``--repeats`` timed runs. Times are median
 runs, wall clock and process CPU time (all threads); on a shared machine the CPU time is the
 steadier of the two. The roofline is the three bare B×D×B matrix products any of these losses needs: the
 forward logits X Yᵀ and the two backward products G Y and Gᵀ X.
+
+``--duplicates positive|masked`` times the losses with every caption appearing twice in the batch
+(``groups = arange(B) // 2``); the default, negative, is the papers' loss.
 """
 
 from __future__ import annotations
@@ -46,30 +49,33 @@ def _roofline(x: torch.Tensor, y: torch.Tensor) -> None:
         g.t() @ x
 
 
-def _loss_step(loss: Callable[..., torch.Tensor], chunk: int | None) -> Step:
+def _loss_step(loss: Callable[..., torch.Tensor], chunk: int | None, duplicates: str) -> Step:
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         image, text = x.detach().requires_grad_(), y.detach().requires_grad_()
         scale = torch.tensor(10.0, requires_grad=True)
+        options = {} if duplicates == "negative" else {
+            "groups": torch.arange(x.shape[0]) // 2, "duplicates": duplicates}
         if loss is sigmoid_loss:
-            loss(image, text, scale, torch.tensor(-10.0, requires_grad=True), chunk).backward()
+            loss(image, text, scale, torch.tensor(-10.0, requires_grad=True), chunk, **options).backward()
         else:
-            loss(image, text, scale, chunk).backward()
+            loss(image, text, scale, chunk, **options).backward()
 
     return step
 
 
-def _step(name: str, chunk: int | None) -> Step:
+def _step(name: str, chunk: int | None, duplicates: str) -> Step:
     if name == "roofline":
         return _roofline
-    return _loss_step(sigmoid_loss if name == "sigmoid" else softmax_loss, chunk)
+    return _loss_step(sigmoid_loss if name == "sigmoid" else softmax_loss, chunk, duplicates)
 
 
-def measure(name: str, chunk: int | None, batch: int, dim: int, repeats: int) -> dict[str, float]:
+def measure(name: str, chunk: int | None, batch: int, dim: int, repeats: int,
+            duplicates: str = "negative") -> dict[str, float]:
     """Median wall and CPU seconds, and peak RSS growth (MiB), of one variant in this process."""
     generator = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(batch, dim, generator=generator), dim=1)
     y = torch.nn.functional.normalize(torch.randn(batch, dim, generator=generator), dim=1)
-    step = _step(name, chunk)
+    step = _step(name, chunk, duplicates)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
     before = _status_kib("VmRSS")
     wall, cpu = [], []
@@ -84,7 +90,8 @@ def measure(name: str, chunk: int | None, batch: int, dim: int, repeats: int) ->
 
 def _in_subprocess(args: argparse.Namespace, name: str, chunk: int | None) -> dict[str, float]:
     command = [sys.executable, __file__, "--only", name, "--batch", str(args.batch), "--dim",
-               str(args.dim), "--threads", str(args.threads), "--repeats", str(args.repeats)]
+               str(args.dim), "--threads", str(args.threads), "--repeats", str(args.repeats),
+               "--duplicates", args.duplicates]
     if chunk is not None:
         command += ["--chunk", str(chunk)]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -119,14 +126,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up")
     parser.add_argument("--chunks", type=int, nargs="+", default=[2048])
+    parser.add_argument("--duplicates", choices=["negative", "positive", "masked"], default="negative",
+                        help="positive or masked: time the losses with every caption twice in the batch")
     parser.add_argument("--only", choices=["roofline", "sigmoid", "softmax"], help=argparse.SUPPRESS)
     parser.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.only:
-        print(json.dumps(measure(args.only, args.chunk, args.batch, args.dim, args.repeats)))
+        print(json.dumps(measure(args.only, args.chunk, args.batch, args.dim, args.repeats, args.duplicates)))
         return
     print(f"B={args.batch} D={args.dim} threads={args.threads} repeats={args.repeats} "
+          f"duplicates={args.duplicates} "
           f"torch={torch.__version__} cpu={platform.processor() or platform.machine()}\n", flush=True)
     for row in _rows(args):
         print(row, flush=True)

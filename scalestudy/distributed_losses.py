@@ -31,6 +31,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.distributed._functional_collectives import all_gather_single_autograd
 
 from scalestudy.losses import (
+    Duplicates,
     LossAndGrads,
     Negatives,
     NegativeWeight,
@@ -41,6 +42,7 @@ from scalestudy.losses import (
     compute_dtype,
     finish_grads,
     records_grad,
+    resolve_groups,
     resolve_negatives,
     sigmoid_tiles,
     softmax_kernel,
@@ -86,9 +88,11 @@ def _sigmoid_ring(
     """ℓ_r: this rank's image rows against every rank's text rows, passed round the ring.
 
     Hop k holds the text rows of rank r−k, and sends them on to rank r+1 while the tiles are
-    computed (the exchange overlaps the compute, as in big_vision's SigLIP). Positives only
-    occur at hop 0, the home block. Returns ℓ_r with ∂ℓ_r/∂(x, t, b) and, per hop, ∂ℓ_r/∂(the
-    text rows held at that hop) — the latter still to be sent home by the backward.
+    computed (the exchange overlaps the compute, as in big_vision's SigLIP). Positives occur
+    at hop 0, the home block, and — duplicate captions as positives — wherever the groups of a
+    row and a column agree (`sigmoid_tiles` compares them by global index). Returns ℓ_r with
+    ∂ℓ_r/∂(x, t, b) and, per hop, ∂ℓ_r/∂(the text rows held at that hop) — the latter still to be
+    sent home by the backward.
     """
     world, rank = dist.get_world_size(), dist.get_rank()
     n, norm = x.shape[0], x.shape[0] * world
@@ -161,22 +165,28 @@ def distributed_sigmoid_loss(
     negative_weight: NegativeWeight = None,
     negative_mask_ratio: float = 0.0,
     generator: torch.Generator | None = None,
+    groups: torch.Tensor | None = None,
+    duplicates: Duplicates = "negative",
 ) -> torch.Tensor:
     """SigLIP's sigmoid loss over the global batch, by the ring (Zhai et al. 2023, §3.3, Fig. 1).
 
     Rank r scores its n image rows against each rank's text rows in turn: W−1 exchanges pass the
-    text rows to the next rank (batch_isend_irecv), positives only in the home block, and the
-    backward sends the text gradients back the other way. Returns the global loss and follows
-    the module's gradient convention; variants as `scalestudy.losses.sigmoid_loss` with the
-    *global* B (``"balanced"`` = 1/(B−1)). With masking, the seed drawn from rank 0's generator
-    is broadcast, so the ranks drop exactly the pairs the single-process loss drops given that
-    generator. Tiles of at most ``chunk_size``² logits (default: one n×n tile per hop).
+    text rows to the next rank (batch_isend_irecv), positives only in the home block (unless
+    duplicate captions are positives), and the backward sends the text gradients back the other
+    way. Returns the global loss and follows the module's gradient convention; variants as
+    `scalestudy.losses.sigmoid_loss` with the *global* B (``"balanced"`` = 1/(B−1)). With
+    masking, the seed drawn from rank 0's generator is broadcast, so the ranks drop exactly the
+    pairs the single-process loss drops given that generator. ``groups`` holds the caption ids
+    of the *global* batch's B rows, the same tensor on every rank (each rank compares its rows
+    with every block that passes by). Tiles of at most ``chunk_size``² logits (default: one n×n
+    tile per hop).
 
     Peak memory per rank: two tiles (three with weighted or masked negatives), two text blocks
     in flight, and W text-gradient blocks (n×D each) kept for the backward.
     """
     batch = _global_batch(image_features, text_features, chunk_size)
-    negatives = resolve_negatives(batch, negative_weight, negative_mask_ratio, generator)
+    same_caption = resolve_groups(groups, duplicates, batch, image_features.device)
+    negatives = resolve_negatives(batch, negative_weight, negative_mask_ratio, generator, same_caption)
     if negatives.mask_ratio > 0:
         seed = torch.tensor(negatives.seed, dtype=torch.int64, device=image_features.device)
         dist.broadcast(seed, src=0)
@@ -197,6 +207,9 @@ def distributed_softmax_loss(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
     chunk_size: int | None = None,
+    *,
+    groups: torch.Tensor | None = None,
+    duplicates: Duplicates = "negative",
 ) -> torch.Tensor:
     """CLIP's softmax loss over the global batch, by gathering (Radford et al. 2021, §2.5).
 
@@ -204,17 +217,20 @@ def distributed_softmax_loss(
     backward reduce-scatters); rank r computes the image→text cross-entropies of its own image
     rows and the text→image ones of its own text rows against the whole batch, so the ranks
     split the work of L without overlap. Returns the global loss and follows the module's
-    gradient convention. Tiles of at most ``chunk_size``² logits (default: one n×B tile per
-    direction). Peak memory per rank: the gathered B×D features and their gradients, two tiles.
+    gradient convention. ``groups`` and ``duplicates`` as in `scalestudy.losses.softmax_loss`,
+    with the caption ids of the *global* batch's B rows, the same tensor on every rank. Tiles
+    of at most ``chunk_size``² logits (default: one n×B tile per direction). Peak memory per
+    rank: the gathered B×D features and their gradients, two tiles.
     """
     batch = _global_batch(image_features, text_features, chunk_size)
+    same_caption = resolve_groups(groups, duplicates, batch, image_features.device)
     world = dist.group.WORLD
     all_images = all_gather_single_autograd(image_features, gather_dim=0, group=world)
     all_texts = all_gather_single_autograd(text_features, gather_dim=0, group=world)
     scale = torch.as_tensor(logit_scale)
     kernel = functools.partial(
         softmax_kernel, chunk=chunk_size or batch, row_start=dist.get_rank() * image_features.shape[0],
-        over_cols=False, norm=2 * batch,
+        over_cols=False, norm=2 * batch, groups=same_caption,
     )
     partial = (apply_kernel(kernel, image_features, all_texts, scale, None)
                + apply_kernel(kernel, text_features, all_images, scale, None))

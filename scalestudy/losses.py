@@ -15,6 +15,13 @@ and gradients (wrt both features, t and b):
   (grad enabled and an input requires grad). Tiles are computed in float32, or float64 for
   float64 inputs, and the results cast back to the inputs' dtypes. First-order gradients only.
 
+Rows with the same caption (the same ``groups`` id) are, by the papers' formulas, each other's
+negatives — false negatives. ``duplicates`` chooses what such pairs are: ``"negative"`` (the
+papers' loss, the default), ``"positive"`` or ``"masked"`` (left out); see `sigmoid_loss` and
+`softmax_loss`. Ids are of the *global* batch's rows, so every tile, and every data-parallel
+rank, compares the ids of its rows and columns. With no two ids equal, every option computes
+exactly the papers' loss (the same code path).
+
 The tile kernels and the autograd glue below are the building blocks the data-parallel forms in
 scalestudy.distributed_losses reuse; the public API is ``__all__``.
 """
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -31,11 +38,83 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-__all__ = ["softmax_loss", "sigmoid_loss", "negative_mask", "NegativeWeight"]
+__all__ = ["softmax_loss", "sigmoid_loss", "negative_mask", "caption_groups", "NegativeWeight",
+           "Duplicates"]
 
 NegativeWeight = float | Literal["balanced"] | None
+Duplicates = Literal["negative", "positive", "masked"]
+DUPLICATES: tuple[str, ...] = ("negative", "positive", "masked")
 
 _M32 = 0xFFFFFFFF
+
+
+# --- rows with the same caption ---------------------------------------------------------------
+
+
+def caption_groups(captions: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
+    """Group ids of a batch's captions for the losses' ``groups``: equal captions share an id, and
+    ids count the distinct captions in order of first appearance (0, 1, …).
+
+    >>> caption_groups(["a red circle", "a blue square", "a red circle"]).tolist()
+    [0, 1, 0]
+    """
+    first = {caption: index for index, caption in enumerate(dict.fromkeys(captions))}
+    return torch.tensor([first[caption] for caption in captions], dtype=torch.long, device=device)
+
+
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity, never field by field
+class Groups:
+    """The caption groups of the global batch's rows, when some rows share one and are not negatives.
+
+    ``ids`` are dense (0 … K−1) per global row, ``counts`` the rows in each group and
+    ``same_pairs`` = Σ_k counts_k², the number of ordered pairs (i, j) in the same group, i = j
+    included.
+    """
+
+    mode: Literal["positive", "masked"]
+    ids: torch.Tensor
+    counts: torch.Tensor
+    same_pairs: int
+
+    def same(
+        self, row_start: int, n_rows: int, col_start: int, n_cols: int, diagonal: bool = True
+    ) -> torch.Tensor:
+        """Bool tile: whether global rows/columns [start, start+n) are in the same group.
+
+        ``diagonal=False`` clears the pairs of a row with itself (i = j).
+        """
+        rows = self.ids[row_start:row_start + n_rows]
+        same = rows.unsqueeze(1) == self.ids[col_start:col_start + n_cols].unsqueeze(0)
+        if not diagonal:
+            torch.diagonal(same, row_start - col_start).fill_(False)
+        return same
+
+
+def resolve_groups(
+    groups: torch.Tensor | None, duplicates: str, batch_size: int, device: torch.device
+) -> Groups | None:
+    """The loss's duplicate-caption option; None when the papers' loss is computed unchanged.
+
+    That is when duplicates are negatives, no ids are given, or no two ids are equal: the same
+    code path as without groups, so the values are exactly the same.
+    """
+    if duplicates not in DUPLICATES:
+        raise ValueError(f"duplicates={duplicates!r}: use 'negative', 'positive' or 'masked'")
+    if groups is None:
+        return None
+    if (groups.shape != (batch_size,) or groups.dtype.is_floating_point or groups.dtype.is_complex
+            or groups.dtype == torch.bool):
+        raise ValueError(
+            f"groups: expected one integer caption id per row of the (global) batch, shape "
+            f"({batch_size},); got {groups.dtype} of shape {tuple(groups.shape)}"
+        )
+    if duplicates == "negative":
+        return None
+    _, ids, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    if counts.numel() == batch_size:
+        return None
+    same_pairs = int((counts * counts).sum())
+    return Groups(duplicates, ids.to(device), counts.to(device), same_pairs)  # type: ignore[arg-type]
 
 
 # --- which negatives count, and how much ------------------------------------------------------
@@ -43,20 +122,22 @@ _M32 = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class Negatives:
-    """How the sigmoid loss weighs its negative pairs (i ≠ j); positives always weigh 1.
+    """How the sigmoid loss weighs its negative pairs; positives always weigh 1.
 
     Each negative term is multiplied by ``weight``; with ``mask_ratio`` > 0 each negative pair is
     also dropped with that probability, decided by a hash of (seed, i, j) over *global* indices,
-    so every tiling and every data-parallel split drops the same pairs.
+    so every tiling and every data-parallel split drops the same pairs. With ``groups``, pairs of
+    rows in the same caption group are positives (weight 1, always kept) or dropped (weight 0).
     """
 
     weight: float = 1.0
     mask_ratio: float = 0.0
     seed: int = 0
+    groups: Groups | None = None
 
     @property
     def plain(self) -> bool:
-        return self.weight == 1.0 and self.mask_ratio == 0.0
+        return self.weight == 1.0 and self.mask_ratio == 0.0 and self.groups is None
 
 
 def resolve_negatives(
@@ -64,9 +145,22 @@ def resolve_negatives(
     negative_weight: NegativeWeight,
     negative_mask_ratio: float,
     generator: torch.Generator | None,
+    groups: Groups | None = None,
 ) -> Negatives:
-    """The sigmoid loss's negative-pair options as numbers; draws the mask seed if masking."""
-    if negative_weight == "balanced":
+    """The sigmoid loss's negative-pair options as numbers; draws the mask seed if masking.
+
+    ``"balanced"`` is (number of positive pairs) / (number of negative pairs) before random
+    masking, so both kinds weigh the same in total: 1/(B−1) for the papers' loss; with
+    duplicate captions only the pairs of different captions are negatives (B² − Σ_k n_k² of
+    them, n_k the rows of caption k), and the positives are B, or Σ_k n_k² when duplicates are
+    positives.
+    """
+    if negative_weight == "balanced" and groups is not None:
+        negative_pairs = batch_size * batch_size - groups.same_pairs
+        positive_pairs = groups.same_pairs if groups.mode == "positive" else batch_size
+        # One caption for the whole batch leaves no negative: the weight is then never used.
+        weight = positive_pairs / negative_pairs if negative_pairs else 1.0
+    elif negative_weight == "balanced":
         weight = 1.0 / max(batch_size - 1, 1)
     elif negative_weight is None:
         weight = 1.0
@@ -79,11 +173,11 @@ def resolve_negatives(
     if not 0.0 <= negative_mask_ratio < 1.0:
         raise ValueError(f"negative_mask_ratio={negative_mask_ratio}: use a fraction in [0, 1)")
     if negative_mask_ratio == 0.0:
-        return Negatives(weight)
+        return Negatives(weight, groups=groups)
     # One draw per call: the mask is a pure function of this seed, so a generator in a known
     # state reproduces it exactly, and the RNG is untouched when nothing is masked.
     seed = int(torch.randint(0, 2**32, (), generator=generator))
-    return Negatives(weight, negative_mask_ratio, seed)
+    return Negatives(weight, negative_mask_ratio, seed, groups)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -108,20 +202,32 @@ def _kept_pairs(rows: torch.Tensor, cols: torch.Tensor, negatives: Negatives) ->
     return hashed >= int(negatives.mask_ratio * 2**32)
 
 
-def _pair_weights(
+def _pair_tile(
     row_start: int, n_rows: int, col_start: int, n_cols: int, negatives: Negatives,
     dtype: torch.dtype, device: torch.device,
-) -> torch.Tensor | None:
-    """Weights of the pairs of global rows/columns [start, start+n); None when all are 1."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weights and positives of the pairs of global rows/columns [start, start+n).
+
+    Weights: None when all are 1. Positives: a bool tile when duplicate captions are positives,
+    None when the positives are the diagonal i = j alone. The random mask comes first, so a
+    duplicate pair is a positive or dropped whatever the hash says.
+    """
     if negatives.plain:
-        return None
+        return None, None
+    groups = negatives.groups
+    same = None if groups is None else groups.same(row_start, n_rows, col_start, n_cols)
+    positives = same if groups is not None and groups.mode == "positive" else None
+    if positives is not None and negatives.weight == 1.0 and negatives.mask_ratio == 0.0:
+        return None, positives  # every pair weighs 1
     weights = torch.full((n_rows, n_cols), negatives.weight, dtype=dtype, device=device)
     if negatives.mask_ratio > 0:
         rows = torch.arange(row_start, row_start + n_rows, device=device)
         cols = torch.arange(col_start, col_start + n_cols, device=device)
         weights.mul_(_kept_pairs(rows, cols, negatives))
+    if same is not None:
+        weights.masked_fill_(same, 1.0 if positives is not None else 0.0)
     torch.diagonal(weights, row_start - col_start).fill_(1.0)
-    return weights
+    return weights, positives
 
 
 def negative_mask(
@@ -129,11 +235,12 @@ def negative_mask(
 ) -> torch.Tensor:
     """The B×B bool matrix of pairs `sigmoid_loss(..., negative_mask_ratio=ratio)` keeps.
 
-    Given a generator in the same state, this is exactly the mask the loss applies (positives are
-    always kept). For inspection and tests; the tiled loss computes it tile by tile instead.
+    Given a generator in the same state, this is exactly the random mask the loss applies
+    (positives are always kept; duplicate captions are not considered here). For inspection and
+    tests; the tiled loss computes it tile by tile instead.
     """
     negatives = resolve_negatives(batch_size, None, ratio, generator)
-    weights = _pair_weights(0, batch_size, 0, batch_size, negatives, torch.float32, torch.device("cpu"))
+    weights, _ = _pair_tile(0, batch_size, 0, batch_size, negatives, torch.float32, torch.device("cpu"))
     return torch.ones(batch_size, batch_size, dtype=torch.bool) if weights is None else weights > 0
 
 
@@ -184,10 +291,12 @@ def sigmoid_tiles(
     """Σ_ij w_ij · −log σ(z_ij (t xᵢ·yⱼ + b)) over x's rows and y's rows, un-normalised.
 
     x and y hold the global rows [row_start, …) and [col_start, …); z_ij = +1 where the global
-    indices agree (positives), −1 elsewhere (SigLIP, Zhai et al. 2023, Algorithm 1). Adds the
-    raw gradients into ``grads`` when given: ∂/∂s_ij = w_ij σ(s_ij) − [i = j], since
-    −log σ(−s) = softplus(s) for negatives and −log σ(s) = softplus(−s) for positives.
-    Peak memory: two chunk×chunk tiles (three with re-weighted or masked negatives).
+    indices agree (positives), or where the caption groups do when duplicates are positives, −1
+    elsewhere (SigLIP, Zhai et al. 2023, Algorithm 1). Adds the raw gradients into ``grads``
+    when given: ∂/∂s_ij = w_ij σ(s_ij) − [z_ij = +1], since −log σ(−s) = softplus(s) for
+    negatives and −log σ(s) = softplus(−s) for positives (weight 1).
+    Peak memory: two chunk×chunk tiles (three with re-weighted or masked negatives, four and a
+    bool tile with duplicate captions).
     """
     xt = x * t
     buffer = x.new_empty(min(chunk, x.shape[0]) * min(chunk, y.shape[0]))
@@ -197,9 +306,18 @@ def sigmoid_tiles(
         s = _tile_logits(buffer, xt, y, tile)
         if b is not None:
             s.add_(b)
+        weights, same = _pair_tile(row_start + i0, i1 - i0, col_start + j0, j1 - j0, negatives,
+                                   s.dtype, s.device)
+        if same is not None:  # duplicate captions are positives: z_ij = +1 off the diagonal too
+            z = same.to(s.dtype)
+            # −z·s exactly (s − 2s = −s), so positives are softplus(−s) directly, as below.
+            terms = F.softplus(torch.addcmul(s, s, z, value=-2.0))
+            total += (terms if weights is None else terms.mul_(weights)).sum()
+            if grads is not None:
+                g = s.sigmoid_() if weights is None else s.sigmoid_().mul_(weights)
+                grads.add(g.sub_(z), x[i0:i1], y[j0:j1], i0, j0)
+            continue
         positives = torch.diagonal(s, (row_start + i0) - (col_start + j0))
-        weights = _pair_weights(row_start + i0, i1 - i0, col_start + j0, j1 - j0, negatives,
-                                s.dtype, s.device)
         terms = F.softplus(s) if weights is None else F.softplus(s).mul_(weights)
         # Positives directly as softplus(−s): softplus(s) − s cancels to 0 once softplus switches
         # to its linear branch (s > 20), and loses float32 digits well before that.
@@ -222,18 +340,47 @@ def _online_logsumexp(
     """Fold one tile into a running log-sum-exp along ``dim`` (Milakov & Gimelshein 2018).
 
     The state (max m, Σ exp(s − m)) is rescaled whenever a tile raises the max, so no exp
-    overflows and the B×B logits never exist at once.
+    overflows and the B×B logits never exist at once. Logits of −∞ (left out of the softmax)
+    add nothing, even while a row has seen no other: its max stays −∞ and is shifted by a finite
+    number instead, as −∞ − (−∞) would be NaN.
     """
     new_max = torch.maximum(running_max, s.amax(dim))
-    running_sum.mul_((running_max - new_max).exp_())
-    shifted = torch.sub(s, new_max.unsqueeze(dim), out=scratch[: s.numel()].view_as(s))
+    shift = new_max.clamp(min=torch.finfo(s.dtype).min)  # = new_max wherever it is finite
+    running_sum.mul_((running_max - shift).exp_())
+    shifted = torch.sub(s, shift.unsqueeze(dim), out=scratch[: s.numel()].view_as(s))
     running_sum.add_(shifted.exp_().sum(dim))
     running_max.copy_(new_max)
+
+
+def _group_targets(
+    x: torch.Tensor, y: torch.Tensor, row_start: int, col_start: int, groups: Groups,
+    over_rows: bool, over_cols: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of x, the mean of y's rows in its caption group, and per row of y that of x's rows.
+
+    Group sums, O(B·D): a row's mean positive logit is t xᵢ · mean_{j ∈ G(i)} yⱼ, no tile needed.
+    Means divide by the group's size in the global batch, so a direction needs all the rows of
+    the other side (a data-parallel rank's x are its own rows: their sums feed only the gradient
+    of y, where the ranks' parts add up).
+    """
+    batch = groups.ids.shape[0]
+    whole_columns, whole_rows = (col_start, y.shape[0]) == (0, batch), (row_start, x.shape[0]) == (0, batch)
+    if (over_rows and not whole_columns) or (over_cols and not whole_rows):
+        raise ValueError("softmax_tiles: with duplicate captions as positives, every row scored "
+                         "needs the whole batch as its columns")
+    row_ids = groups.ids[row_start:row_start + x.shape[0]]
+    col_ids = groups.ids[col_start:col_start + y.shape[0]]
+    sizes = groups.counts.to(x.dtype).unsqueeze(1)
+    k = groups.counts.shape[0]
+    x_means = x.new_zeros(k, x.shape[1]).index_add_(0, row_ids, x).div_(sizes)
+    y_means = y.new_zeros(k, y.shape[1]).index_add_(0, col_ids, y).div_(sizes)
+    return y_means[row_ids], x_means[col_ids]
 
 
 def softmax_tiles(
     x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, row_start: int, col_start: int,
     over_rows: bool, over_cols: bool, chunk: int, grads: TileGrads | None,
+    groups: Groups | None = None,
 ) -> torch.Tensor:
     """Sums of softmax cross-entropies of s = t X Yᵀ, un-normalised, streamed over tiles.
 
@@ -243,6 +390,11 @@ def softmax_tiles(
     Pass 1 keeps an online log-sum-exp per row and per column; pass 2 recomputes each tile for
     the gradient ∂/∂s_ij = softmax_row(s)_ij + softmax_col(s)_ij − 2[i = j] (one term per
     direction asked for). Peak memory: two chunk×chunk tiles plus O(B) statistics.
+
+    ``groups`` (duplicate captions): ``"masked"`` sets the logits of same-group pairs i ≠ j to
+    −∞ in both passes (a bool tile more); ``"positive"`` makes the target uniform over row i's
+    group G(i): the cross-entropy is lse_i − mean_{j∈G(i)} s_ij and the target term of the
+    gradient −[j ∈ G(i)]/|G(i)| is added from group means (`_group_targets`), not per tile.
     """
     xt = x * t
     n, m = x.shape[0], y.shape[0]
@@ -250,10 +402,20 @@ def softmax_tiles(
     scratch = torch.empty_like(buffer)
     row_max, row_sum = x.new_full((n,), -math.inf), x.new_zeros(n)
     col_max, col_sum = x.new_full((m,), -math.inf), x.new_zeros(m)
+    masked = groups if groups is not None and groups.mode == "masked" else None
+
+    def logits(tile: tuple[int, int, int, int]) -> torch.Tensor:
+        s = _tile_logits(buffer, xt, y, tile)
+        if masked is not None:
+            i0, i1, j0, j1 = tile
+            duplicates = masked.same(row_start + i0, i1 - i0, col_start + j0, j1 - j0, diagonal=False)
+            s.masked_fill_(duplicates, -math.inf)
+        return s
+
     tiles = _tiles(n, m, chunk)
     for tile in tiles:
         i0, i1, j0, j1 = tile
-        s = _tile_logits(buffer, xt, y, tile)
+        s = logits(tile)
         if over_rows:
             _online_logsumexp(row_max[i0:i1], row_sum[i0:i1], s, 1, scratch)
         if over_cols:
@@ -264,20 +426,28 @@ def softmax_tiles(
     lo, hi = max(row_start, col_start), min(row_start + n, col_start + m)
     if (over_rows and hi - lo != n) or (over_cols and hi - lo != m):
         raise ValueError("softmax_tiles: every row scored needs its positive among the columns")
-    positives = (xt[lo - row_start:hi - row_start] * y[lo - col_start:hi - col_start]).sum(1)
+    targets = None
+    if groups is not None and groups.mode == "positive":
+        targets = _group_targets(x, y, row_start, col_start, groups, over_rows, over_cols)
+        row_positives = (xt * targets[0]).sum(1)
+        col_positives = (y * t * targets[1]).sum(1)
+    else:
+        paired = slice(lo - row_start, hi - row_start), slice(lo - col_start, hi - col_start)
+        row_positives = col_positives = (xt[paired[0]] * y[paired[1]]).sum(1)
     # Each cross-entropy as (max − positive) + log Σ exp(s − max): the positive is usually the
     # max, so this keeps float32's digits where lse − positive would cancel them away.
     total = x.new_zeros(())
     if over_rows:
-        total += (row_max - positives).sum() + row_sum.log().sum()
+        total += (row_max - row_positives).sum() + row_sum.log().sum()
     if over_cols:
-        total += (col_max - positives).sum() + col_sum.log().sum()
+        total += (col_max - col_positives).sum() + col_sum.log().sum()
     if grads is None:
         return total
 
+    directions = int(over_rows) + int(over_cols)
     for tile in tiles:
         i0, i1, j0, j1 = tile
-        s = _tile_logits(buffer, xt, y, tile)
+        s = logits(tile)
         if over_rows and over_cols:
             from_rows = torch.sub(s, row_lse[i0:i1, None], out=scratch[: s.numel()].view_as(s))
             g = s.sub_(col_lse[None, j0:j1]).exp_().add_(from_rows.exp_())
@@ -285,8 +455,14 @@ def softmax_tiles(
             g = s.sub_(row_lse[i0:i1, None]).exp_()
         else:
             g = s.sub_(col_lse[None, j0:j1]).exp_()
-        torch.diagonal(g, (row_start + i0) - (col_start + j0)).sub_(int(over_rows) + int(over_cols))
+        if targets is None:
+            torch.diagonal(g, (row_start + i0) - (col_start + j0)).sub_(directions)
         grads.add(g, x[i0:i1], y[j0:j1], i0, j0)
+    if targets is not None:
+        # −Σ_ij [j ∈ G(i)]/|G(i)| yⱼ per row i is minus the group mean (and likewise for y); each
+        # direction asked for adds the same, as the groups are symmetric.
+        grads.x.sub_(targets[0], alpha=directions)
+        grads.y.sub_(targets[1], alpha=directions)
     return total
 
 
@@ -378,17 +554,18 @@ def _sigmoid_kernel(
 def softmax_kernel(
     x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, b: None, need_grad: bool, *, chunk: int,
     row_start: int = 0, over_cols: bool = True, norm: float | None = None,
+    groups: Groups | None = None,
 ) -> LossAndGrads:
     """`softmax_tiles` / ``norm`` (default 2B: the mean of two directions' means), with grads.
 
     The single-process loss takes both directions over x and y; a data-parallel rank passes its
     own rows as x (global rows from ``row_start``), the gathered batch as y, ``over_cols=False``
-    and the global 2B as ``norm``.
+    and the global 2B as ``norm``. ``groups`` are those of the global batch.
     """
     dtype = compute_dtype(x)
     xc, yc, tc = x.to(dtype), y.to(dtype), as_scalar(t, dtype)
     raw = TileGrads.zeros(xc, yc) if need_grad else None
-    total = softmax_tiles(xc, yc, tc, row_start, 0, True, over_cols, chunk, raw)
+    total = softmax_tiles(xc, yc, tc, row_start, 0, True, over_cols, chunk, raw, groups)
     norm = 2 * x.shape[0] if norm is None else norm
     loss = (total / norm).to(x.dtype)
     if raw is None:
@@ -414,16 +591,37 @@ def softmax_loss(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
     chunk_size: int | None = None,
+    *,
+    groups: torch.Tensor | None = None,
+    duplicates: Duplicates = "negative",
 ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE loss (Radford et al. 2021, §2.3 and Fig. 3 pseudo-code).
 
     The mean of the image→text and text→image cross-entropies over the B×B logits
     ``t · I Tᵀ`` with the diagonal as targets.
 
+    ``groups``: a caption id per row (`caption_groups`; equal ids = the same caption), and
+    ``duplicates`` what rows i ≠ j of the same caption are to each other:
+
+    - ``"negative"`` (default): the paper's loss, ``groups`` unused;
+    - ``"positive"``: multi-positive cross-entropy — row i's target is uniform over the columns
+      G(i) of its caption group: −Σ_{j∈G(i)} log softmax(s_i)_j / |G(i)|, in both directions
+      (a caption's rows are the targets of each of its images and vice versa);
+    - ``"masked"``: the same-caption columns j ≠ i are left out of row i's softmax (and the
+      same-caption rows out of column j's), so the diagonal competes only with other captions.
+
+    With no two ids equal all three are the paper's loss exactly. When equal captions have equal
+    text features (a deterministic text tower, as in this project's trainer), ``"positive"`` *is*
+    the paper's loss, in value and in the gradients reaching both towers and t: the paper's
+    image→text softmax already spreads each image's target over its caption's identical columns,
+    and those columns together already target all of the caption's images. Only ``"masked"``
+    then changes training: each row's denominator loses the copies of its positive's exp(s_ii).
+
     ``chunk_size=None``: the naive formula; peak memory a handful of B×B tensors (logits, two
     log-softmaxes and their gradients). ``chunk_size=c``: streaming softmax — an online
     log-sum-exp over c×c tiles for both directions, then a second pass over the tiles for the
-    gradients; peak memory two c×c tiles plus the B×D gradients; same value and gradients.
+    gradients; peak memory two c×c tiles plus the B×D gradients (and a bool tile when masking
+    duplicates); same value and gradients.
 
     >>> _ = torch.manual_seed(0)
     >>> x = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
@@ -432,11 +630,21 @@ def softmax_loss(
     True
     """
     check_features(image_features, text_features, chunk_size)
+    batch = image_features.shape[0]
+    same_caption = resolve_groups(groups, duplicates, batch, image_features.device)
     if chunk_size is None:
         logits = logit_scale * image_features @ text_features.t()
         labels = torch.arange(logits.shape[0], device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-    kernel = functools.partial(softmax_kernel, chunk=chunk_size)
+        if same_caption is None:
+            return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+        if same_caption.mode == "masked":
+            logits = logits.masked_fill(same_caption.same(0, batch, 0, batch, diagonal=False), -math.inf)
+            return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+        same = same_caption.same(0, batch, 0, batch).to(logits.dtype)
+        # Row i's target |G(i)|⁻¹ on its group; the groups are symmetric, so columns likewise.
+        targets = same / same.sum(1, keepdim=True)
+        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets.t()))
+    kernel = functools.partial(softmax_kernel, chunk=chunk_size, groups=same_caption)
     return apply_kernel(kernel, image_features, text_features, torch.as_tensor(logit_scale), None)
 
 
@@ -450,29 +658,39 @@ def sigmoid_loss(
     negative_weight: NegativeWeight = None,
     negative_mask_ratio: float = 0.0,
     generator: torch.Generator | None = None,
+    groups: torch.Tensor | None = None,
+    duplicates: Duplicates = "negative",
 ) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, §3.1 and Algorithm 1).
 
-    ``Σ_ij w_ij · −log σ(z_ij (t xᵢ·yⱼ + b)) / B`` with z_ij = +1 on the diagonal and −1
-    elsewhere: every pair is an independent binary problem, normalised by the batch size B (not
-    B²). Positives weigh w_ii = 1; each negative weighs w_ij = ``negative_weight``, times 0 if
-    masked.
+    ``Σ_ij w_ij · −log σ(z_ij (t xᵢ·yⱼ + b)) / B`` with z_ij = +1 for positives (the diagonal)
+    and −1 for negatives: every pair is an independent binary problem, normalised by the batch
+    size B (not B², and not the number of pairs kept). Positives weigh w = 1; each negative
+    weighs w_ij = ``negative_weight``, times 0 if masked.
 
     - ``logit_bias=None``: the bias-free variant (b = 0).
-    - ``negative_weight``: None (1, the paper's loss), a number ≥ 0, or ``"balanced"`` = 1/(B−1),
-      so the B positive and B(B−1) negative terms weigh the same in total. SigLIP §3.2 explains
-      that the many negatives dominate the loss at the start and counters it with the bias init
-      b = −10; re-weighting is the bias-free answer to the same imbalance.
+    - ``negative_weight``: None (1, the paper's loss), a number ≥ 0, or ``"balanced"`` = (number
+      of positive pairs) / (number of negative pairs), so positives and negatives weigh the
+      same in total: 1/(B−1) in the paper's loss. SigLIP §3.2 explains that the many negatives
+      dominate the loss at the start and counters it with the bias init b = −10; re-weighting
+      is the bias-free answer to the same imbalance.
     - ``negative_mask_ratio`` = r: each negative pair is dropped (w_ij = 0) with probability r,
       independently per pair; the sum stays normalised by B. This is SigLIP §4.7's study of the
       positive:negative ratio. The mask is a hash of one seed drawn from ``generator`` (the
       global RNG if None) and the pair's indices, so it is deterministic given the generator's
       state, identical for every ``chunk_size``, and shown by `negative_mask`.
+    - ``groups``: a caption id per row (`caption_groups`; equal ids = the same caption), and
+      ``duplicates`` what rows i ≠ j of the same caption are to each other: ``"negative"`` (the
+      paper's loss, ``groups`` unused), ``"positive"`` (z_ij = +1, weight 1, never masked) or
+      ``"masked"`` (w_ij = 0). Only pairs of different captions are then negatives: they alone
+      take ``negative_weight`` and the random mask, and ``"balanced"`` counts them alone —
+      B² − Σ_k n_k² negatives (n_k rows of caption k) against B positives (masked) or Σ_k n_k²
+      (positive). With no two ids equal all three are the paper's loss exactly.
 
     ``chunk_size=None``: the naive formula; peak memory a handful of B×B tensors.
     ``chunk_size=c``: the chunked sigmoid — c×c tiles, value and gradients together (see the
-    module docstring); peak memory two c×c tiles (three with weighted or masked negatives) plus
-    the B×D gradients; same value and gradients.
+    module docstring); peak memory two c×c tiles (three with weighted or masked negatives, four
+    and a bool tile with duplicate captions) plus the B×D gradients; same value and gradients.
 
     >>> _ = torch.manual_seed(0)
     >>> x = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
@@ -482,14 +700,18 @@ def sigmoid_loss(
     """
     check_features(image_features, text_features, chunk_size)
     batch = image_features.shape[0]
-    negatives = resolve_negatives(batch, negative_weight, negative_mask_ratio, generator)
+    same_caption = resolve_groups(groups, duplicates, batch, image_features.device)
+    negatives = resolve_negatives(batch, negative_weight, negative_mask_ratio, generator, same_caption)
     if chunk_size is None:
         logits = logit_scale * image_features @ text_features.t()
         if logit_bias is not None:
             logits = logits + logit_bias
-        signs = 2 * torch.eye(batch, device=logits.device, dtype=logits.dtype) - 1
+        weights, positives = _pair_tile(0, batch, 0, batch, negatives, logits.dtype, logits.device)
+        if positives is None:
+            signs = 2 * torch.eye(batch, device=logits.device, dtype=logits.dtype) - 1
+        else:
+            signs = 2 * positives.to(logits.dtype) - 1
         terms = -F.logsigmoid(signs * logits)
-        weights = _pair_weights(0, batch, 0, batch, negatives, logits.dtype, logits.device)
         return (terms if weights is None else terms * weights).sum() / batch
     kernel = functools.partial(_sigmoid_kernel, negatives=negatives, chunk=chunk_size)
     bias = None if logit_bias is None else torch.as_tensor(logit_bias)

@@ -401,7 +401,9 @@ class LossSpec(Spec):
         None,
         description="Sigmoid loss: weight on each negative pair's term (default 1). balanced = "
         "1/(B−1), so the B positives and B(B−1) negatives weigh the same in total — a bias-free "
-        "answer to the imbalance SigLIP's bias init addresses (§3.2).",
+        "answer to the imbalance SigLIP's bias init addresses (§3.2); with loss.duplicates "
+        "positive or masked it is the number of positive pairs over the number of pairs of "
+        "different captions, counted in each batch.",
     )
     negative_mask_ratio: float = Field(
         0.0,
@@ -409,6 +411,16 @@ class LossSpec(Spec):
         lt=1,
         description="Sigmoid loss: fraction of negative pairs dropped at random each step "
         "(SigLIP §4.7's positive:negative ratio study); seeded by train.seed and the step.",
+    )
+    duplicates: Literal["negative", "positive", "masked"] = Field(
+        "negative",
+        description="What two rows of a batch with the same caption are to each other. negative: "
+        "the papers' losses (CLIP §2.3, SigLIP §3.1), which count them as negatives (false "
+        "negatives); positive (sigmoid only): the pair is labelled +1; masked: the sigmoid "
+        "loss drops the pair, the softmax loss leaves it out of its denominator. (A multi-positive "
+        "softmax would equal CLIP's here, as equal captions get equal text features.) With positive "
+        "or masked only pairs of different captions are negatives: loss.negative_weight and "
+        "loss.negative_mask_ratio apply to them alone, and balanced counts them alone.",
     )
     chunk_size: PositiveInt | None = Field(
         None,
@@ -438,6 +450,21 @@ class LossSpec(Spec):
             raise ValueError(
                 f"loss.bias_init={self.bias_init} is set but loss.use_bias=false fixes b = 0; "
                 "remove one of them"
+            )
+        if self.kind == "softmax" and self.duplicates == "positive":
+            # Equal captions get equal text features, and the multi-positive cross-entropy then
+            # equals CLIP's in value and gradients (proven in tests/test_losses.py).
+            raise ValueError(
+                "loss.duplicates=positive changes nothing for loss.kind=softmax: equal captions "
+                "get equal text features, and CLIP's softmax already spreads each image's target "
+                "over its caption's identical columns; use loss.duplicates=masked to take them out "
+                "of the softmax, or loss.kind=sigmoid"
+            )
+        if self.duplicates == "masked" and self.negative_weight == 0:
+            raise ValueError(
+                "loss.duplicates=masked changes nothing with loss.negative_weight=0: every negative "
+                "pair, duplicate captions included, already weighs 0; use loss.duplicates=negative "
+                "(or positive), or a loss.negative_weight above 0"
             )
         return self
 

@@ -43,8 +43,20 @@ CASES: dict[str, tuple[Loss, Loss, bool, dict[str, Any]]] = {
                                    {"negative_weight": "balanced"}),
     "sigmoid weighted and masked negatives": (distributed_sigmoid_loss, sigmoid_loss, True,
                                               {"negative_weight": 0.5, "negative_mask_ratio": 0.4}),
+    # Duplicate captions (`caption_ids`) within and across ranks' blocks.
+    "sigmoid duplicates positive, balanced, chunk 2": (
+        distributed_sigmoid_loss, sigmoid_loss, True,
+        {"duplicates": "positive", "negative_weight": "balanced", "chunk_size": 2}),
+    "sigmoid duplicates masked, masked negatives": (
+        distributed_sigmoid_loss, sigmoid_loss, True,
+        {"duplicates": "masked", "negative_weight": "balanced", "negative_mask_ratio": 0.4}),
+    "softmax duplicates positive": (distributed_softmax_loss, softmax_loss, False,
+                                    {"duplicates": "positive"}),
+    "softmax duplicates masked chunk 4": (distributed_softmax_loss, softmax_loss, False,
+                                          {"duplicates": "masked", "chunk_size": 4}),
 }
-DDP_CASES = ("softmax", "sigmoid", "sigmoid balanced negatives")
+DDP_CASES = ("softmax", "sigmoid", "sigmoid balanced negatives", "softmax duplicates positive",
+             "sigmoid duplicates positive, balanced, chunk 2")
 
 
 def global_features(world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +75,12 @@ def global_inputs(world: int) -> tuple[torch.Tensor, torch.Tensor]:
                  for _ in range(2))  # type: ignore[return-value]
 
 
+def caption_ids(batch: int) -> torch.Tensor:
+    """Caption ids of the global batch: squares mod 7 (groups of 2–4 rows, spread over the ranks'
+    blocks), every fourth row a caption of its own."""
+    return torch.tensor([100 + i if i % 4 == 0 else i * i % 7 for i in range(batch)])
+
+
 def mask_generator(rank: int) -> torch.Generator:
     """Rank 0's generator is the single-process one; the others differ on purpose (the seed is broadcast)."""
     return torch.Generator().manual_seed(MASK_SEED + rank)
@@ -74,6 +92,9 @@ def call(loss: Loss, uses_bias: bool, kwargs: dict[str, Any], image: torch.Tenso
     options = dict(kwargs)
     if "negative_mask_ratio" in options:
         options["generator"] = mask_generator(rank)
+    if "duplicates" in options:  # the ids of the global batch, on every rank
+        world = dist.get_world_size() if loss in (distributed_sigmoid_loss, distributed_softmax_loss) else 1
+        options["groups"] = caption_ids(image.shape[0] * world)
     if loss in (sigmoid_loss, distributed_sigmoid_loss):
         return loss(image, text, scale, bias if uses_bias else None, **options)
     return loss(image, text, scale, **options)

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
-import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,9 +31,8 @@ from typing import Protocol
 
 import torch
 
-from scalestudy.spec import DataSpec
 from scalestudy.train.shapes_vocab import (
-    ATTRIBUTES, BACKGROUNDS, CLASSES, COLOURS, SHAPES, SIZES, caption, diagonal_holdout,
+    ATTRIBUTES, BACKGROUNDS, CLASSES, COLOURS, SHAPES, SIZES, caption,
 )
 
 

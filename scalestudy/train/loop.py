@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from scalestudy.errors import DivergedError, Preempted
-from scalestudy.losses import sigmoid_loss, softmax_loss
+from scalestudy.losses import caption_groups, sigmoid_loss, softmax_loss
 from scalestudy.sinks import EVAL, SUMMARY, MetricsSink, Sinks
 from scalestudy.sinks.trackers import tracker_sinks
 from scalestudy.spec import TrialConfig
@@ -81,12 +81,15 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
 def compute_loss(
     trial: Trial, step: int, image_features: torch.Tensor, text_features: torch.Tensor,
     scale: torch.Tensor, bias: torch.Tensor | None, distributed: bool,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The configured loss over the global batch (the distributed forms exchange features).
 
     Negative masking draws from a generator seeded by (train.seed, step), so a resumed trial masks
-    exactly the pairs the uninterrupted one would have.
+    exactly the pairs the uninterrupted one would have. `groups` numbers the global batch's rows
+    by caption (loss.duplicates: rows with the same caption are not each other's negatives).
     """
+    options = {"groups": groups, "duplicates": trial.config.loss.duplicates}
     spec = trial.config.loss
     if distributed:  # same signatures as the single-process losses, so one call per kind
         from scalestudy.distributed_losses import distributed_sigmoid_loss as sigmoid
@@ -94,11 +97,11 @@ def compute_loss(
     else:
         sigmoid, softmax = sigmoid_loss, softmax_loss
     if spec.kind == "softmax":
-        return softmax(image_features, text_features, scale, spec.chunk_size)
+        return softmax(image_features, text_features, scale, spec.chunk_size, **options)
     masking = torch.Generator().manual_seed(trial.config.train.seed * 1_000_003 + step)
     return sigmoid(image_features, text_features, scale, bias, spec.chunk_size,
                    negative_weight=spec.negative_weight, negative_mask_ratio=spec.negative_mask_ratio,
-                   generator=masking)
+                   generator=masking, **options)
 
 
 def run_trial(trial_dir: str, backend: str = "local", stop: threading.Event | None = None) -> dict[str, Any] | None:
@@ -236,10 +239,12 @@ class Trainer:
         captions = (batch.captions if self.ranks.world == 1
                     else self.dataset.train_captions(step, cfg.train.batch_size))
 
+        groups = (caption_groups(captions, self.device) if cfg.loss.duplicates != "negative"
+                  else None)
         image_features, text_features = self.forward(images, tokens)
         scale = model.logit_scale()
         loss = compute_loss(self.trial, step, image_features, text_features, scale, model.bias,
-                            self.ranks.world > 1)
+                            self.ranks.world > 1, groups)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # Norms before any clipping: the spike record must show what the optimiser was handed.

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 from PIL import Image
 from pydantic import Field, create_model
 
 from scalestudy import cli
+from scalestudy.analysis.synthetic import write_synthetic_run
 from scalestudy.cli import main
+from scalestudy.dashboard.data import Dashboard
 from scalestudy.errors import ConfigChanged
 from scalestudy.expand import derive, expand, trial_id
 from scalestudy.load import validate_study
@@ -159,11 +162,17 @@ def test_the_read_side_works_on_a_run_directory_moved_away_from_its_data(write_s
     assert main(["status", str(moved), "--json"]) == 0
     assert main(["report", str(moved)]) == 0
     assert (moved / "report" / "index.html").exists()
+    overview = Dashboard(moved).overview()
+    assert overview["problem"] is None and {r["status"] for r in overview["trials"]} == {"done"}
     assert results_frame(RunStore(moved)).equals(before)
 
 
-@pytest.mark.train
-def test_run_expands_a_study_once_however_many_trials_finish(write_study, tmp_path, monkeypatch):
+def test_run_of_a_200_trial_study_expands_it_once_and_the_read_side_never(tmp_path, monkeypatch):
+    study = {"name": "big", "base": {"train": {"examples_seen": 64 * 20, "batch_size": 64}},
+             "sweep": {"grid": {"loss.kind": ["softmax", "sigmoid"], "optim.lr": [1e-4, 1e-3],
+                                "train.seed": list(range(50))}}}
+    write_synthetic_run(tmp_path, study, steps=20)  # 200 finished trials
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(study))
     calls = []
     real = cli.expand
 
@@ -172,9 +181,10 @@ def test_run_expands_a_study_once_however_many_trials_finish(write_study, tmp_pa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cli, "expand", counted)
-    study = tiny_study(grid={"loss.kind": ["softmax", "sigmoid"], "train.seed": [0, 1]},
-                       base={"train": {"examples_seen": 64}})
-    assert main(["run", str(write_study(study)), "--out", str(tmp_path / "runs")]) == 0
+    monkeypatch.setattr("scalestudy.expand.expand", counted)
+    assert main(["run", str(tmp_path / "big.yaml"), "--out", str(tmp_path)]) == 0
+    assert len(calls) == 1
+    assert main(["status", str(tmp_path / "big")]) == 0
     assert len(calls) == 1
 
 

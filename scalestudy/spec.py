@@ -90,6 +90,17 @@ class DataSpec(Spec):
         "(the label-noise robustness study of SigLIP, Zhai et al. 2023); which rows, from "
         "train.seed and the step. Evaluation data stays clean.",
     )
+    train_pool: PositiveInt | None = Field(
+        None,
+        description="Shapes: train on a finite pool of this many scenes, drawn once from "
+        "train.seed, instead of the endless stream (None, where every step renders new images). "
+        "Batch s takes stream positions p = (s−1)·B + i, pool item perm_e[p mod N] of epoch "
+        "e = p // N, each epoch its own seeded permutation of the pool (as real data, which is "
+        "always a finite pool: its training samples). With model.lock_image the pool's image "
+        "features are computed once and cached in the run directory (RUN_DIR/cache/"
+        "image_features), so a step costs only the text tower and the loss (LiT, Zhai et al. "
+        "2022; SigLiT, SigLIP §4.1).",
+    )
     zeroshot_dir: str | None = Field(
         None,
         description="Zero-shot evaluation on a folder with one subfolder of images per class; "
@@ -191,6 +202,15 @@ class DataSpec(Spec):
                     f"data.holdout_classes must name 1 to {MAX_HOLDOUT_PAIRS} distinct classes, "
                     f"got {len(set(self.holdout_classes))}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _pool_is_shapes_only(self) -> DataSpec:
+        if self.train_pool is not None and self.kind != "shapes":
+            raise ValueError(
+                f"data.train_pool={self.train_pool} sets the size of a pool of rendered shapes; "
+                f"data.kind={self.kind} is already a finite pool (its training samples), remove it"
+            )
         return self
 
     @model_validator(mode="after")

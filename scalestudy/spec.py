@@ -318,7 +318,22 @@ class ModelSpec(Spec):
         description="Recompute each transformer block's activations in the backward pass instead "
         "of storing them (less memory, about one more forward of compute; same gradients).",
     )
-    lock_image: bool = Field(False, description="Freeze the image tower (LiT-style locked tuning).")
+    lock_image: bool = Field(
+        False,
+        description="Freeze the image tower (LiT-style locked tuning). On a finite training pool "
+        "(data.train_pool, or real data) its features are computed once per pool and tower and "
+        "cached in RUN_DIR/cache/image_features, so a step runs only the text tower and the loss.",
+    )
+    image_init: str | None = Field(
+        None,
+        description="Start the image tower from a finished trial: its directory "
+        "(RUN_DIR/trials/<id>, whose checkpoint.pt holds the final model) or a checkpoint file. "
+        "Only the tensors image.* are loaded; the text tower, t and b start fresh. With "
+        "model.lock_image this is locked-image tuning: LiT (Zhai et al. 2022), and with the "
+        "sigmoid loss SigLiT, the setting of SigLIP §4.1 and Fig. 2. The tower must have this "
+        "trial's shapes (model.* and data.image_size), which validate/plan/run check. Recorded "
+        "as an absolute path.",
+    )
     lock_text: bool = Field(False, description="Freeze the text tower.")
 
     @model_validator(mode="before")
@@ -336,9 +351,10 @@ class ModelSpec(Spec):
             return {**PRESETS[name], **data}
         return data
 
-    @field_validator("tokenizer_file")
+    @field_validator("tokenizer_file", "image_init")
     @classmethod
-    def _tokenizer_file_is_absolute(cls, path: str | None) -> str | None:
+    def _path_is_absolute(cls, path: str | None) -> str | None:
+        # Whether it exists and fits is the preflight's question (scalestudy.preflight).
         return None if path is None else absolute(path)
 
     @property

@@ -527,6 +527,14 @@ class OptimSpec(Spec):
     warmup_fraction: float = Field(
         0.1, ge=0, lt=1, description="Fraction of the steps spent in linear LR warm-up."
     )
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Linear LR warm-up in steps, the same for every batch size (clipped to the "
+        "trial's steps); when set it wins over optim.warmup_fraction. At a fixed examples-seen "
+        "budget a fraction gives a large batch only a few warm-up steps (10 % of 64 steps is 6) "
+        "and a small batch thousands.",
+    )
     schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="LR after warm-up: cosine decay to zero, or constant."
     )

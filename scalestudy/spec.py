@@ -535,6 +535,16 @@ class OptimSpec(Spec):
         "budget a fraction gives a large batch only a few warm-up steps (10 % of 64 steps is 6) "
         "and a small batch thousands.",
     )
+    scalar_lr: float | None = Field(
+        None,
+        gt=0,
+        description="Peak LR of the logit scale t (trained as log t) and the bias b, on the same "
+        "warm-up and schedule as the rest; default: the main LR (optim.lr after "
+        "optim.lr_scaling, which does not scale this one). Adam moves a parameter by at most about "
+        "its LR per step, so at 1e-3 the scalars move at most Σ lr_s ≈ 0.15 in 300 steps of "
+        "warm-up and cosine (measured on shapes, LiT at B = 256: b −10 → −9.92, log t +0.10): "
+        "from SigLIP's init (§3.2: t = 10, b = −10) a short run cannot learn them at that LR.",
+    )
     schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="LR after warm-up: cosine decay to zero, or constant."
     )

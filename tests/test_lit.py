@@ -356,3 +356,25 @@ def test_plan_shows_the_warmup_steps(write_study, capsys):
     assert main(["plan", "--json", str(write_study(study))]) == 0
     rows = json.loads(capsys.readouterr().out)["trials"]
     assert [row["derived.warmup_steps"] for row in rows] == [6, 4]  # 512 / 128 = 4 steps in all
+
+
+# --- a learning rate of their own for t and b ---------------------------------------------------
+
+
+@pytest.mark.parametrize("scalar_lr", [None, 0.05])
+def test_scalar_lr_moves_t_and_b_by_their_own_learning_rate(write_study, tmp_path, scalar_lr):
+    # Adam's first step moves every parameter entry by its LR times sign(gradient) (up to ε).
+    study = tiny_study(grid={"train.seed": [0]},
+                       base={"optim": {"lr": 1e-3, "scalar_lr": scalar_lr, "warmup_steps": 0,
+                                       "schedule": "constant"}})
+    trial = expand(load_study(write_study(study)))[0]
+    trainer = Trainer.build(trial, Ranks(), torch.device("cpu"), tmp_path)
+    model = trainer.model
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.step(1)
+    moved = {name: (p.detach() - before[name]).abs() for name, p in model.named_parameters()}
+    expected = 1e-3 if scalar_lr is None else scalar_lr
+    for name in ("bias", "log_scale"):
+        assert float(moved[name]) == pytest.approx(expected, rel=1e-3), name
+    assert float(moved["text.norm.bias"].max()) == pytest.approx(1e-3, rel=1e-3)
+    assert len(trainer.optimizer.param_groups) == (2 if scalar_lr is None else 3)

@@ -240,7 +240,7 @@ class Trainer:
         model, optimizer = self.model, self.optimizer
         lr = lr_at(step, self.trial.derived, cfg.optim.schedule)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # optim.scalar_lr's group: its own LR
         cached = self.features is not None  # LiT hook: rows of the feature table, not images
         batch = self.dataset.train_batch(step, cfg.train.batch_size, self.local, images=not cached)
         # uint8 over the wire (a quarter of float32's bytes), normalised on the device.

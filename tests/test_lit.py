@@ -243,6 +243,11 @@ def test_validate_exits_2_for_a_trial_that_has_not_finished(write_study, tmp_pat
     assert main(["validate", str(write_study(lit_study(str(trial_dir))))]) == 2
     assert "model.activation='quick_gelu' but this trial has model.activation='gelu'" in capsys.readouterr().err
     assert main(["validate", str(write_study(lit_study(str(trial_dir), activation="quick_gelu")))]) == 0
+    wider = lit_study(str(trial_dir), activation="quick_gelu", width=32, embed_dim=32)
+    assert main(["run", str(write_study(wider)), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "base.model.image_init: image.cls is (1, 1, 16) in" in err and "but (1, 1, 32) in this" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_directory_that_is_not_a_trial_is_refused(tmp_path):

@@ -111,10 +111,17 @@ def derive(config: TrialConfig) -> Derived:
         steps=steps,
         examples_seen=steps * batch,
         lr=lr,
-        warmup_steps=round(config.optim.warmup_fraction * steps),
+        warmup_steps=warmup_steps(config, steps),
         temperature_init=min(temperature, config.loss.max_temperature),
         bias_init=bias,
     )
+
+
+def warmup_steps(config: TrialConfig, steps: int) -> int:
+    """optim.warmup_steps clipped to the trial's steps when set, else optim.warmup_fraction of them."""
+    if config.optim.warmup_steps is not None:
+        return min(config.optim.warmup_steps, steps)
+    return round(config.optim.warmup_fraction * steps)
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,7 +1,7 @@
 """Checks that touch the file system, run by `validate`, `plan` and `run` before anything is written.
 
 The schema (scalestudy.spec) checks values only; what needs a look at the disk — the data files a
-study names — is checked here, once per distinct data setting among the trials. The read side
+study names, the image tower it loads — is checked here, once per distinct setting among the trials. The read side
 (status, report, dashboard) never calls this, so a run directory copied to a laptop without its
 data still reads. Every problem is a SpecError (exit 2) naming the dotted key, the path and the fix.
 """
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from scalestudy.datafiles import class_folders, csv_with_columns, expand_braces
 from scalestudy.errors import SpecError
-from scalestudy.spec import DataSpec, ModelSpec
+from scalestudy.spec import DataSpec, ModelSpec, TrialConfig
 from scalestudy.store import Trial
 
 
@@ -69,6 +69,24 @@ def check_model(model: ModelSpec) -> list[str]:
     return []
 
 
+def check_image_init(config: TrialConfig) -> list[str]:
+    """model.image_init must name a finished trial (or a checkpoint file) whose image tower has
+    this trial's shapes and settings; its shapes are read memory-mapped, not its weights."""
+    if config.model.image_init is None:
+        return []
+    from scalestudy.train.lit import read_image_init  # torch
+
+    try:
+        read_image_init(config.model, config.data.image_size)
+    except ValueError as err:
+        return [f"model.image_init: {err}"]
+    return []
+
+
+def _image_init_setting(config: TrialConfig) -> str:
+    return f"{config.model.model_dump_json()}|{config.data.image_size}"
+
+
 def preflight(trials: Iterable[Trial], source: str, axes: Iterable[str] = ()) -> None:
     """Raise a SpecError listing every file problem of the trials (each distinct setting once).
 
@@ -83,6 +101,10 @@ def preflight(trials: Iterable[Trial], source: str, axes: Iterable[str] = ()) ->
             if key not in seen:
                 seen.add(key)
                 problems.update(dict.fromkeys(check(part)))
+        key = _image_init_setting(trial.config)
+        if key not in seen:
+            seen.add(key)
+            problems.update(dict.fromkeys(check_image_init(trial.config)))
     if problems:
         swept = set(axes)
         raise SpecError("\n".join(

@@ -90,6 +90,17 @@ class DataSpec(Spec):
         "(the label-noise robustness study of SigLIP, Zhai et al. 2023); which rows, from "
         "train.seed and the step. Evaluation data stays clean.",
     )
+    train_pool: PositiveInt | None = Field(
+        None,
+        description="Shapes: train on a finite pool of this many scenes, drawn once from "
+        "train.seed, instead of the endless stream (None, where every step renders new images). "
+        "Batch s takes stream positions p = (s−1)·B + i, pool item perm_e[p mod N] of epoch "
+        "e = p // N, each epoch its own seeded permutation of the pool (as real data, which is "
+        "always a finite pool: its training samples). With model.lock_image the pool's image "
+        "features are computed once and cached in the run directory (RUN_DIR/cache/"
+        "image_features), so a step costs only the text tower and the loss (LiT, Zhai et al. "
+        "2022; SigLiT, SigLIP §4.1).",
+    )
     zeroshot_dir: str | None = Field(
         None,
         description="Zero-shot evaluation on a folder with one subfolder of images per class; "
@@ -191,6 +202,15 @@ class DataSpec(Spec):
                     f"data.holdout_classes must name 1 to {MAX_HOLDOUT_PAIRS} distinct classes, "
                     f"got {len(set(self.holdout_classes))}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _pool_is_shapes_only(self) -> DataSpec:
+        if self.train_pool is not None and self.kind != "shapes":
+            raise ValueError(
+                f"data.train_pool={self.train_pool} sets the size of a pool of rendered shapes; "
+                f"data.kind={self.kind} is already a finite pool (its training samples), remove it"
+            )
         return self
 
     @model_validator(mode="after")
@@ -298,7 +318,22 @@ class ModelSpec(Spec):
         description="Recompute each transformer block's activations in the backward pass instead "
         "of storing them (less memory, about one more forward of compute; same gradients).",
     )
-    lock_image: bool = Field(False, description="Freeze the image tower (LiT-style locked tuning).")
+    lock_image: bool = Field(
+        False,
+        description="Freeze the image tower (LiT-style locked tuning). On a finite training pool "
+        "(data.train_pool, or real data) its features are computed once per pool and tower and "
+        "cached in RUN_DIR/cache/image_features, so a step runs only the text tower and the loss.",
+    )
+    image_init: str | None = Field(
+        None,
+        description="Start the image tower from a finished trial: its directory "
+        "(RUN_DIR/trials/<id>, whose checkpoint.pt holds the final model) or a checkpoint file. "
+        "Only the tensors image.* are loaded; the text tower, t and b start fresh. With "
+        "model.lock_image this is locked-image tuning: LiT (Zhai et al. 2022), and with the "
+        "sigmoid loss SigLiT, the setting of SigLIP §4.1 and Fig. 2. The tower must have this "
+        "trial's shapes (model.* and data.image_size), which validate/plan/run check. Recorded "
+        "as an absolute path.",
+    )
     lock_text: bool = Field(False, description="Freeze the text tower.")
 
     @model_validator(mode="before")
@@ -316,9 +351,10 @@ class ModelSpec(Spec):
             return {**PRESETS[name], **data}
         return data
 
-    @field_validator("tokenizer_file")
+    @field_validator("tokenizer_file", "image_init")
     @classmethod
-    def _tokenizer_file_is_absolute(cls, path: str | None) -> str | None:
+    def _path_is_absolute(cls, path: str | None) -> str | None:
+        # Whether it exists and fits is the preflight's question (scalestudy.preflight).
         return None if path is None else absolute(path)
 
     @property
@@ -490,6 +526,24 @@ class OptimSpec(Spec):
     )
     warmup_fraction: float = Field(
         0.1, ge=0, lt=1, description="Fraction of the steps spent in linear LR warm-up."
+    )
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Linear LR warm-up in steps, the same for every batch size (clipped to the "
+        "trial's steps); when set it wins over optim.warmup_fraction. At a fixed examples-seen "
+        "budget a fraction gives a large batch only a few warm-up steps (10 % of 64 steps is 6) "
+        "and a small batch thousands.",
+    )
+    scalar_lr: float | None = Field(
+        None,
+        gt=0,
+        description="Peak LR of the logit scale t (trained as log t) and the bias b, on the same "
+        "warm-up and schedule as the rest; default: the main LR (optim.lr after "
+        "optim.lr_scaling, which does not scale this one). Adam moves a parameter by at most about "
+        "its LR per step, so at 1e-3 the scalars move at most Σ lr_s ≈ 0.15 in 300 steps of "
+        "warm-up and cosine (measured on shapes, LiT at B = 256: b −10 → −9.92, log t +0.10): "
+        "from SigLIP's init (§3.2: t = 10, b = −10) a short run cannot learn them at that LR.",
     )
     schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="LR after warm-up: cosine decay to zero, or constant."

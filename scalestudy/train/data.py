@@ -14,6 +14,13 @@ are rendered; a row's pixel noise is picked by a key drawn with the row, so any 
 exactly as in the full batch. Rendering is vectorised over the batch and images travel as uint8;
 `normalize` turns them into the model's float input on whatever device holds them.
 
+By default every step renders new scenes (an endless stream). `data.train_pool` makes the training
+data a finite pool of N scenes drawn once from the seed, batches taking rows of a seeded permutation
+of the pool per epoch (`pool_index`, the same order real data uses); each row carries its pool index
+(`Batch.index`), which is what lets a locked image tower's features be computed once per pool
+(scalestudy.train.lit). The pool keeps its scenes (a few numbers each), not images: 50,000 scenes
+are drawn in a few milliseconds, and images are rendered only for the rows asked for.
+
 Two knobs turn it into an experiment: a compositional split (`data.holdout_pairs` /
 `data.holdout_classes`: colour–shape pairs no training image or caption shows, evaluated with
 `data.eval_pairs=unseen`) and caption noise (`data.caption_noise`: a fraction of each training batch
@@ -40,6 +47,7 @@ from scalestudy.train.shapes_vocab import (
 # replacement and prompt draws never shift the images of a batch.
 _SPLIT_SALT = {
     "train": 0, "eval": 0x5EED, "noise": 0x401, "order": 0x402, "replace": 0x403, "prompts": 0x404,
+    "pool": 0x405,
 }
 
 # Per-channel mean and std of rendered shapes pixels (x / 255), measured over 8 × 512 training
@@ -68,9 +76,13 @@ _GRAIN_FIELDS = 64
 
 @dataclass(frozen=True)
 class Batch:
-    images: torch.Tensor  # (B, 3, S, S) uint8; normalize() makes the model's input on the device
+    # (B, 3, S, S) uint8; normalize() makes the model's input on the device. None when the batch
+    # was asked for without images (a locked tower's cached features stand in for them).
+    images: torch.Tensor | None
     captions: list[str]
     labels: torch.Tensor  # (B,) index into the dataset's classes; -1 for an image without a class
+    # (B,) long: each row's item in the dataset's finite training pool (None for an endless stream).
+    index: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -114,9 +126,12 @@ class Dataset(Protocol):
     mean: tuple[float, float, float]  # per-channel pixel mean (of x / 255) for normalize()
     std: tuple[float, float, float]
 
-    def train_batch(self, step: int, batch_size: int, rows: slice = slice(None)) -> Batch:
+    def train_batch(
+        self, step: int, batch_size: int, rows: slice = slice(None), images: bool = True
+    ) -> Batch:
         """Rows `rows` of the global batch of 1-based `step`, equal to slicing the whole batch; the
-        same arguments always give the same batch."""
+        same arguments always give the same batch. images=False renders or decodes no image
+        (Batch.images is None), everything else as with them."""
         ...
 
     def train_captions(self, step: int, batch_size: int) -> list[str]:
@@ -133,6 +148,22 @@ class Dataset(Protocol):
 
     def skipped(self) -> dict[str, int]:
         """Samples skipped so far because they could not be used, counted by reason."""
+        ...
+
+    @property
+    def pool_size(self) -> int | None:
+        """Items of the finite training pool that Batch.index points into; None for an endless
+        stream (no index)."""
+        ...
+
+    @property
+    def pool_key(self) -> str:
+        """What fixes the pool's images beyond the DataSpec (e.g. the seed that draws them)."""
+        ...
+
+    def pool_images(self, start: int, stop: int) -> torch.Tensor:
+        """(stop − start, 3, S, S) uint8 images of pool items [start, stop); an item that cannot
+        be read is all zeros (it never appears in a batch: its rows are replaced)."""
         ...
 
 
@@ -158,6 +189,27 @@ def random_stream(seed: int, split: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + _SPLIT_SALT[split]) * 2**20 + index)
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, n: int, epoch: int) -> torch.Tensor:
+    """The seeded permutation of n pool items that `epoch` visits them in (read-only: shared)."""
+    return torch.randperm(n, generator=random_stream(seed, "order", epoch))
+
+
+def pool_index(seed: int, n: int, step: int, batch_size: int) -> torch.Tensor:
+    """(B,) the pool items of global batch `step` (1-based): stream position p = (s−1)·B + i is
+    item epoch_order(e)[p mod n] of epoch e = p // n, so every epoch shows each item once."""
+    first = (step - 1) * batch_size
+    positions = torch.arange(first, first + batch_size)
+    if first // n == (first + batch_size - 1) // n:  # the usual case: one epoch
+        return epoch_order(seed, n, first // n)[positions % n]
+    index = torch.empty(batch_size, dtype=torch.long)
+    epochs = positions // n
+    for epoch in range(first // n, (first + batch_size - 1) // n + 1):
+        where = epochs == epoch
+        index[where] = epoch_order(seed, n, epoch)[positions[where] % n]
+    return index
+
+
 @dataclass(frozen=True)
 class Scenes:
     """What n images show: each attribute's value index (into ATTRIBUTES) and the continuous draws
@@ -175,7 +227,8 @@ class Scenes:
     def __len__(self) -> int:
         return len(self.radius)
 
-    def rows(self, rows: slice) -> Scenes:
+    def rows(self, rows: slice | torch.Tensor) -> Scenes:
+        """The scenes of a slice, or of a (k,) long index (rows may repeat)."""
         return Scenes({k: v[rows] for k, v in self.attributes.items()}, self.centre[rows],
                       self.radius[rows], self.tint[rows], self.background[rows], self.shade[rows],
                       self.margin[rows], self.grain[rows])
@@ -357,6 +410,7 @@ class ShapesDataset:
     seed: int
     image_size: int
     eval_images: int
+    pool: int | None = None  # data.train_pool: training scenes in the finite pool; None: endless
     train_pairs: tuple[int, ...] | None = None
     eval_pairs: tuple[int, ...] | None = None
     caption_noise: float = 0.0
@@ -367,15 +421,48 @@ class ShapesDataset:
     mean: tuple[float, float, float] = SHAPES_MEAN
     std: tuple[float, float, float] = SHAPES_STD
 
-    def train_captions(self, step: int, batch_size: int) -> list[str]:
-        scenes = draw_scenes(self.seed, "train", step, batch_size, self.train_pairs)
-        return mismatch_captions(scenes.captions(), self.caption_noise, self.seed, step)
+    @property
+    def pool_size(self) -> int | None:
+        return self.pool
 
-    def train_batch(self, step: int, batch_size: int, rows: slice = slice(None)) -> Batch:
-        scenes = draw_scenes(self.seed, "train", step, batch_size, self.train_pairs)
-        captions = mismatch_captions(scenes.captions(), self.caption_noise, self.seed, step)
-        mine = scenes.rows(rows)
-        return Batch(render(mine, self.image_size), captions[rows], mine.labels())
+    @property
+    def pool_key(self) -> str:
+        return f"shapes pool of seed {self.seed}"  # the seed draws the pool's scenes
+
+    @functools.cached_property
+    def _pool(self) -> tuple[Scenes, list[str]]:
+        """The pool's scenes and captions, drawn once (draw_scenes is vectorised over them)."""
+        assert self.pool is not None
+        scenes = draw_scenes(self.seed, "pool", 0, self.pool, self.train_pairs)
+        return scenes, scenes.captions()
+
+    def _whole(self, step: int, batch_size: int) -> tuple[Scenes, list[str], torch.Tensor | None]:
+        """Where the rows of global batch `step` come from: the scenes that `index` (the batch's
+        pool items, or None: the scenes are the batch's own) picks from, and the clean captions."""
+        if self.pool is None:
+            scenes = draw_scenes(self.seed, "train", step, batch_size, self.train_pairs)
+            return scenes, scenes.captions(), None
+        scenes, captions = self._pool
+        index = pool_index(self.seed, self.pool, step, batch_size)
+        return scenes, [captions[i] for i in index.tolist()], index
+
+    def train_captions(self, step: int, batch_size: int) -> list[str]:
+        _, captions, _ = self._whole(step, batch_size)
+        return mismatch_captions(captions, self.caption_noise, self.seed, step)
+
+    def train_batch(
+        self, step: int, batch_size: int, rows: slice = slice(None), images: bool = True
+    ) -> Batch:
+        scenes, captions, index = self._whole(step, batch_size)
+        captions = mismatch_captions(captions, self.caption_noise, self.seed, step)
+        mine_index = None if index is None else index[rows]
+        mine = scenes.rows(rows if mine_index is None else mine_index)
+        pixels = render(mine, self.image_size) if images else None
+        return Batch(pixels, captions[rows], mine.labels(), mine_index)
+
+    def pool_images(self, start: int, stop: int) -> torch.Tensor:
+        scenes, _ = self._pool
+        return render(scenes.rows(slice(start, stop)), self.image_size)
 
     @functools.cached_property
     def _eval_scenes(self) -> tuple[Scenes, torch.Tensor]:

@@ -13,7 +13,7 @@ from scalestudy.train.shapes_vocab import CLASSES, diagonal_holdout
 def shapes_dataset(
     spec: DataSpec, seed: int, folder: ZeroShotFolder | None, templates: tuple[str, ...] | None
 ) -> ShapesDataset:
-    """The shapes with the spec's compositional split and caption noise."""
+    """The shapes with the spec's compositional split, caption noise and training pool."""
     names = spec.holdout_classes or diagonal_holdout(spec.holdout_pairs)
     held_out = tuple(sorted({CLASSES.index(name) for name in names}))
     seen = tuple(i for i in range(len(CLASSES)) if i not in held_out)
@@ -21,6 +21,7 @@ def shapes_dataset(
         seed=seed,
         image_size=spec.image_size,
         eval_images=spec.eval_images,
+        pool=spec.train_pool,
         train_pairs=seen if held_out else None,
         eval_pairs={"all": None, "seen": seen, "unseen": held_out}[spec.eval_pairs],
         caption_noise=spec.caption_noise,

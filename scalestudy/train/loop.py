@@ -38,6 +38,7 @@ from scalestudy.sinks.trackers import tracker_sinks
 from scalestudy.spec import TrialConfig
 from scalestudy.store import Status, Trial, TrialStore
 from scalestudy.store.sink import StoreSink
+from scalestudy.train import lit
 from scalestudy.train import ranks as rk
 from scalestudy.train.data import dup_caption_rate, normalize
 from scalestudy.train.datasets import make_dataset
@@ -195,6 +196,9 @@ class Trainer:
     tokenizer: Tokenizer
     dataset: Any
     local: slice
+    # LiT: the locked image tower's features of the training pool, looked up by Batch.index
+    # instead of running the tower (scalestudy.train.lit); None: the step runs the tower.
+    features: torch.Tensor | None = None
 
     @classmethod
     def build(cls, trial: Trial, ranks: rk.Ranks, device: torch.device, run_dir: Path) -> Trainer:
@@ -202,8 +206,14 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same init on every rank
         model = TwoTower(cfg.model, cfg.data.image_size, derived.temperature_init, derived.bias_init,
                          cfg.loss.learn_temperature, cfg.loss.max_temperature).to(device)
+        # --- LiT hook (scalestudy.train.lit): model.image_init, and a locked tower's cached features.
+        lit.init_image_tower(model, cfg.model, cfg.data.image_size)
+        dataset = make_dataset(cfg.data, cfg.train.seed)
+        features = lit.cached_image_features(model, cfg, dataset, run_dir, device, ranks)
+        core = model if features is None else lit.LockedImageForward(model, features)
+        # --- end of the LiT hook.
         # DDP averages gradients over ranks; the distributed losses are written for that convention.
-        forward = DistributedDataParallel(model) if ranks.world > 1 else model
+        forward = DistributedDataParallel(core) if ranks.world > 1 else core
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(model, cfg.optim, derived.lr)
         monitor, extended, batch = cfg.monitor, cfg.monitor.extended, cfg.train.batch_size
@@ -216,8 +226,9 @@ class Trainer:
             updates=UpdateNorm(params) if extended else None,
             update_rms=UpdateRMS(model, optimizer) if extended else None,
             tokenizer=trial_tokenizer(cfg, run_dir),
-            dataset=make_dataset(cfg.data, cfg.train.seed),
+            dataset=dataset,
             local=slice(ranks.rank * batch // ranks.world, (ranks.rank + 1) * batch // ranks.world),
+            features=features,
         )
 
     def rows(self) -> DeviceRows:
@@ -229,11 +240,13 @@ class Trainer:
         model, optimizer = self.model, self.optimizer
         lr = lr_at(step, self.trial.derived, cfg.optim.schedule)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = self.dataset.train_batch(step, cfg.train.batch_size, self.local)
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # optim.scalar_lr's group: its own LR
+        cached = self.features is not None  # LiT hook: rows of the feature table, not images
+        batch = self.dataset.train_batch(step, cfg.train.batch_size, self.local, images=not cached)
         # uint8 over the wire (a quarter of float32's bytes), normalised on the device.
-        images = normalize(batch.images.to(self.device, non_blocking=True), self.dataset.mean,
-                           self.dataset.std)
+        images = (batch.index.to(self.device, non_blocking=True) if cached else
+                  normalize(batch.images.to(self.device, non_blocking=True), self.dataset.mean,
+                            self.dataset.std))
         tokens = self.tokenizer(batch.captions).to(self.device, non_blocking=True)
         # Rows of the global batch whose caption repeats in it: false negatives for the loss.
         captions = (batch.captions if self.ranks.world == 1

@@ -134,6 +134,13 @@ class AttentionPool(nn.Module):
         return pooled + self.fc_out(self.act(self.fc(self.norm(pooled))))
 
 
+# The model.* keys that decide what the image tower computes (data.image_size too, through the
+# position embedding): a loaded tower (model.image_init) must agree on them, and a cache of its
+# features (scalestudy.train.lit) is keyed by them. Activation checkpointing changes no value.
+IMAGE_TOWER_KEYS = ("image_tower", "patch_size", "width", "depth", "heads", "embed_dim", "activation",
+                    "norm_eps", "image_pool", "ln_pre", "patch_bias", "image_projection")
+
+
 class ImageTower(nn.Module):
     """ViT (Dosovitskiy et al. 2021): patches → [class token] → transformer → pool → projection.
 
@@ -263,6 +270,14 @@ class TwoTower(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(tokens)
+
+
+def image_tower_shapes(spec: ModelSpec, image_size: int) -> dict[str, torch.Size]:
+    """The image tower's tensors (state-dict keys without `image.`) and their shapes, from a tower
+    built on the meta device: no memory, no init arithmetic."""
+    with torch.device("meta"):
+        tower = ImageTower(spec, image_size)
+    return {key: value.shape for key, value in tower.state_dict().items()}
 
 
 def count_params(config: TrialConfig) -> int:

@@ -33,14 +33,25 @@ def weight_decay_groups(model: nn.Module) -> tuple[list[str], list[str]]:
     return decay, no_decay
 
 
+# The loss's logit scale (as log t) and bias: optim.scalar_lr gives them their own LR.
+SCALARS = ("log_scale", "bias")
+
+
 def make_optimizer(model: nn.Module, spec: OptimSpec, lr: float) -> torch.optim.Optimizer:
-    """optim.kind's optimiser over the two weight-decay groups (decay group first)."""
+    """optim.kind's optimiser over the two weight-decay groups (decay group first), and with
+    optim.scalar_lr a third for t and b whose `lr_scale` (scalar_lr / lr) multiplies the
+    scheduled LR."""
     decay, no_decay = weight_decay_groups(model)
+    scalars = [n for n in no_decay if n in SCALARS] if spec.scalar_lr is not None else []
     params = dict(model.named_parameters())
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": [params[n] for n in decay], "weight_decay": spec.weight_decay},
-        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
+        {"params": [params[n] for n in no_decay if n not in scalars], "weight_decay": 0.0},
     ]
+    if scalars:
+        assert spec.scalar_lr is not None
+        groups.append({"params": [params[n] for n in scalars], "weight_decay": 0.0,
+                       "lr": spec.scalar_lr, "lr_scale": spec.scalar_lr / lr})
     betas = (spec.beta1, spec.beta2)
     if spec.kind == "stable_adamw":
         return StableAdamW(groups, lr=lr, betas=betas, eps=spec.eps)

@@ -13,6 +13,12 @@ they never stop the trial. An unreadable training image is replaced by a random 
 of its own stream position, so the batch keeps its size and each row stays a pure function of
 (seed, step, row) whichever rows are built. Only a replaced row's caption can differ from what
 `train_captions` (which decodes nothing) says; such rows are counted in `skipped()`.
+
+The training samples are a finite pool: each row of a batch carries its sample's index into it
+(`Batch.index`; a replaced row, its replacement's), which a locked image tower's feature cache
+(scalestudy.train.lit) reads instead of the image. Decoding the pool for that cache (`pool_images`)
+meets every unreadable image, so batches asked for without images replace exactly the rows that
+decoding would.
 """
 
 from __future__ import annotations
@@ -94,6 +100,10 @@ class ImageReader:
 
     def skipped(self) -> dict[str, int]:
         return dict(self.counts)
+
+    def known_unreadable(self, sample: Sample) -> bool:
+        """Whether reading `sample` already failed (it is not read again)."""
+        return (sample.path, sample.offset) in self._unreadable
 
     def read(self, sample: Sample) -> np.ndarray | None:
         """The sample's image, or None (counted once) when it cannot be read or decoded."""
@@ -286,21 +296,44 @@ class PairsDataset:
             return order
         return orders[epoch]
 
-    def _replacement(self, g: torch.Generator) -> tuple[Sample, np.ndarray]:
+    def _replacement(self, g: torch.Generator, decode: bool) -> tuple[int, np.ndarray | None]:
+        """A random readable training sample's index (and image, when `decode`); without
+        decoding, readable means not known to be unreadable."""
         for _ in range(MAX_REPLACEMENT_DRAWS):
-            sample = self.train[int(torch.randint(len(self.train), (1,), generator=g))]
-            image = self.reader.read(sample)
+            item = int(torch.randint(len(self.train), (1,), generator=g))
+            if not decode:
+                if not self.reader.known_unreadable(self.train[item]):
+                    return item, None
+                continue
+            image = self.reader.read(self.train[item])
             if image is not None:
-                return sample, image
+                return item, image
         raise ValueError(
             f"{MAX_REPLACEMENT_DRAWS} random training images in a row were unreadable (skipped so "
             f"far: {self.reader.skipped()}); check the data files"
         )
 
-    def _sample(self, position: int) -> Sample:
-        """The training sample at a stream position (see the module docstring)."""
+    def _item(self, position: int) -> int:
+        """The index of the training sample at a stream position (see the module docstring)."""
         n = len(self.train)
-        return self.train[self._order(position // n)[position % n]]
+        return self._order(position // n)[position % n]
+
+    def _sample(self, position: int) -> Sample:
+        return self.train[self._item(position)]
+
+    @property
+    def pool_size(self) -> int:
+        return len(self.train)
+
+    @property
+    def pool_key(self) -> str:
+        return "training samples"  # the DataSpec alone fixes them, whatever the seed
+
+    def pool_images(self, start: int, stop: int) -> torch.Tensor:
+        size = self.reader.image_size
+        blank = np.zeros((size, size, 3), dtype=np.uint8)
+        images = [self.reader.read(sample) for sample in self.train[start:stop]]
+        return to_tensor([blank if image is None else image for image in images])
 
     def train_captions(self, step: int, batch_size: int) -> list[str]:
         """The global batch's captions from the index (no image decoded), caption noise applied."""
@@ -308,9 +341,13 @@ class PairsDataset:
         captions = [self._sample(first + row).caption for row in range(batch_size)]
         return mismatch_captions(captions, self.caption_noise, self.seed, step)
 
-    def train_batch(self, step: int, batch_size: int, rows: slice = slice(None)) -> Batch:
+    def train_batch(
+        self, step: int, batch_size: int, rows: slice = slice(None), images: bool = True
+    ) -> Batch:
         """Rows `rows` of batch `step` (prefetched when the previous call asked for the same rows of
         step − 1); starts decoding the same rows of step + 1."""
+        if not images:
+            return self.assemble(step, batch_size, rows, images=False)  # nothing to read ahead
         key = (batch_size, rows.indices(batch_size))
         ahead = self._ahead
         if ahead is not None and ahead[0] == (step, *key):
@@ -322,23 +359,32 @@ class PairsDataset:
         self._ahead = ((step + 1, *key), self._prefetch.submit(self.assemble, step + 1, batch_size, rows))
         return batch
 
-    def assemble(self, step: int, batch_size: int, rows: slice = slice(None)) -> Batch:
+    def assemble(
+        self, step: int, batch_size: int, rows: slice = slice(None), images: bool = True
+    ) -> Batch:
         """Decode rows `rows` of batch `step`: a pure function of (seed, step, batch_size, row) and
         the files, so any slice equals the same rows of the whole batch."""
         first = (step - 1) * batch_size
         captions = [self._sample(first + row).caption for row in range(batch_size)]
-        images = []
+        decoded, items = [], []
         mine = range(*rows.indices(batch_size))
         for row in mine:
-            sample = self._sample(first + row)
-            image = self.reader.read(sample)
-            if image is None:
+            item = self._item(first + row)
+            if images:
+                image = self.reader.read(self.train[item])
+                unusable = image is None
+            else:
+                image, unusable = None, self.reader.known_unreadable(self.train[item])
+            if unusable:
                 # A stream per position: the row's replacement never depends on other rows.
-                sample, image = self._replacement(random_stream(self.seed, "replace", first + row))
-                captions[row] = sample.caption
-            images.append(image)
+                item, image = self._replacement(random_stream(self.seed, "replace", first + row), images)
+                captions[row] = self.train[item].caption
+            items.append(item)
+            if image is not None:
+                decoded.append(image)
         captions = mismatch_captions(captions, self.caption_noise, self.seed, step)
-        return Batch(to_tensor(images), captions[rows], torch.full((len(mine),), -1, dtype=torch.long))
+        return Batch(to_tensor(decoded) if images else None, captions[rows],
+                     torch.full((len(mine),), -1, dtype=torch.long), torch.tensor(items, dtype=torch.long))
 
     def eval_set(self) -> Batch:
         if self._eval is None:

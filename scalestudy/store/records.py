@@ -85,7 +85,9 @@ class Derived(BaseModel):
     steps: int = Field(description="ceil(train.examples_seen / train.batch_size).")
     examples_seen: int = Field(description="steps × batch size: the budget actually trained.")
     lr: float = Field(description="optim.lr scaled by optim.lr_scaling for this batch size.")
-    warmup_steps: int = Field(description="round(optim.warmup_fraction × steps).")
+    warmup_steps: int = Field(
+        description="optim.warmup_steps (clipped to the steps), else round(optim.warmup_fraction × steps)."
+    )
     temperature_init: float = Field(description="Initial logit scale t.")
     bias_init: float | None = Field(
         description="Initial sigmoid bias b; None for softmax and for sigmoid with use_bias=false."

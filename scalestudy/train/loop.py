@@ -206,12 +206,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same init on every rank
         model = TwoTower(cfg.model, cfg.data.image_size, derived.temperature_init, derived.bias_init,
                          cfg.loss.learn_temperature, cfg.loss.max_temperature).to(device)
-        # --- LiT hook (scalestudy.train.lit): model.image_init, and a locked tower's cached features.
+        # LiT (scalestudy.train.lit): model.image_init's tower, and a locked tower's cached features.
         lit.init_image_tower(model, cfg.model, cfg.data.image_size)
         dataset = make_dataset(cfg.data, cfg.train.seed)
         features = lit.cached_image_features(model, cfg, dataset, run_dir, device, ranks)
         core = model if features is None else lit.LockedImageForward(model, features)
-        # --- end of the LiT hook.
         # DDP averages gradients over ranks; the distributed losses are written for that convention.
         forward = DistributedDataParallel(core) if ranks.world > 1 else core
         params = [p for p in model.parameters() if p.requires_grad]
@@ -241,7 +240,7 @@ class Trainer:
         lr = lr_at(step, self.trial.derived, cfg.optim.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # optim.scalar_lr's group: its own LR
-        cached = self.features is not None  # LiT hook: rows of the feature table, not images
+        cached = self.features is not None  # LiT: rows of the feature table, not images
         batch = self.dataset.train_batch(step, cfg.train.batch_size, self.local, images=not cached)
         # uint8 over the wire (a quarter of float32's bytes), normalised on the device.
         images = (batch.index.to(self.device, non_blocking=True) if cached else

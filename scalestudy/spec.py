@@ -327,7 +327,8 @@ class ModelSpec(Spec):
     image_init: str | None = Field(
         None,
         description="Start the image tower from a finished trial: its directory "
-        "(RUN_DIR/trials/<id>, whose checkpoint.pt holds the final model) or a checkpoint file. "
+        "(RUN_DIR/trials/<id>, whose checkpoint.pt holds the final model), a run directory that "
+        "holds exactly one trial, or a checkpoint file. "
         "Only the tensors image.* are loaded; the text tower, t and b start fresh. With "
         "model.lock_image this is locked-image tuning: LiT (Zhai et al. 2022), and with the "
         "sigmoid loss SigLiT, the setting of SigLIP §4.1 and Fig. 2. The tower must have this "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,17 @@ def test_validate_exits_2_for_a_trial_that_has_not_finished(write_study, tmp_pat
 def test_a_directory_that_is_not_a_trial_is_refused(tmp_path):
     (tmp_path / "folder").mkdir()
     assert "not a trial's (it has no state.json)" in lit.source_problem(str(tmp_path / "folder"))
+
+
+def test_a_run_directory_of_one_trial_stands_for_that_trial_and_one_of_two_must_be_named(tmp_path):
+    run = RunStore(tmp_path / "tower")
+    for tid in ("aaa", "bbb"):
+        run.trial(tid).path.mkdir(parents=True)
+        run.trial(tid).config_path.write_text("{}")
+    assert "a run directory with 2 trials" in lit.source_problem(str(run.root))
+    shutil.rmtree(run.trial("bbb").path)
+    assert lit.trial_of(str(run.root)) == run.trial("aaa").path
+    assert lit.checkpoint_of(str(run.root)) == run.trial("aaa").checkpoint_path
 
 
 # --- the feature cache --------------------------------------------------------------------------

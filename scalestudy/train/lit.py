@@ -29,7 +29,7 @@ from torch import nn
 
 from scalestudy.errors import StoreError
 from scalestudy.spec import ModelSpec, TrialConfig
-from scalestudy.store import Status, TrialStore
+from scalestudy.store import RunStore, Status, TrialStore
 from scalestudy.store.files import load_torch, save_torch
 from scalestudy.train.data import Dataset, normalize
 from scalestudy.train.models import IMAGE_TOWER_KEYS, TwoTower, image_tower_shapes
@@ -41,9 +41,20 @@ CACHE_VERSION = 1
 FEATURE_CHUNK = 1024
 
 
+def trial_of(path: str) -> Path:
+    """What model.image_init names: a run directory with exactly one trial stands for that trial
+    (so a study can name the run of a one-trial "tower" study without knowing its trial id)."""
+    source = Path(path)
+    if (source / "trials").is_dir() and not (source / "state.json").exists():
+        ids = RunStore(source).trial_ids()
+        if len(ids) == 1:
+            return source / "trials" / ids[0]
+    return source
+
+
 def checkpoint_of(path: str) -> Path:
     """The checkpoint file model.image_init names: a trial directory's checkpoint.pt, or the file."""
-    source = Path(path)
+    source = trial_of(path)
     return source / "checkpoint.pt" if source.is_dir() else source
 
 
@@ -53,7 +64,10 @@ def _shape(shape: torch.Size) -> str:
 
 def source_problem(path: str) -> str | None:
     """Why model.image_init names no usable checkpoint (missing, an unfinished trial), or None."""
-    source = Path(path)
+    source = trial_of(path)
+    if (source / "trials").is_dir() and not (source / "state.json").exists():
+        return (f"{path} is a run directory with {len(RunStore(source).trial_ids())} trials; name "
+                "one of them: RUN_DIR/trials/<id>")
     if not source.exists():
         return (f"{path} does not exist; give a finished trial's directory (RUN_DIR/trials/<id>) "
                 "or a checkpoint file")
@@ -75,7 +89,7 @@ def source_problem(path: str) -> str | None:
 def settings_problem(path: str, spec: ModelSpec) -> str | None:
     """When model.image_init is a trial: the first image-tower setting it trained with that this
     model does not share. Same shapes under another activation or norm are another function."""
-    source = Path(path)
+    source = trial_of(path)
     if not source.is_dir():
         return None  # a bare checkpoint records no settings; its shapes are checked
     trained = TrialStore(source).config().get("config", {}).get("model", {})

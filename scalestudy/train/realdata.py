@@ -211,6 +211,7 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
 # Bump when what an index holds or how it is laid out on disk changes: the cache key includes it.
 INDEX_VERSION = 1
 TAR_BLOCK = 512
+ZERO_BLOCK = bytes(TAR_BLOCK)  # two of them end an archive; tarfile stops at the first
 # Member types whose payload is the file's bytes (tarfile's REGTYPE, AREGTYPE, CONTTYPE).
 TAR_FILE_TYPES = frozenset({b"0", b"\0", b"7"})
 # While another process builds a cached index, the waiting ones say so this often.
@@ -250,8 +251,9 @@ def tar_files(fd: int, end: int) -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of every regular file of an uncompressed tar, in archive order.
 
     Reads only the 512-byte headers (and the payloads of pax and GNU long-name records, which hold
-    the next member's name): about 10× faster than iterating `tarfile` over the same shard, which
-    matters for a first index of thousands of shards. Follows tarfile's reading of ustar, GNU and
+    the next member's name): indexing an img2dataset shard of 10,000 pairs takes 0.5 s this way
+    and 2.1 s with `tarfile` (development machine, loaded), which a first index of thousands of
+    shards notices. Follows tarfile's reading of ustar, GNU and
     pax headers; raises TarFormatError at a block that is not a tar header or a member whose bytes
     run past the end of the file.
     """
@@ -262,15 +264,17 @@ def tar_files(fd: int, end: int) -> Iterator[tuple[str, int, int]]:
             return  # no end-of-archive blocks: tarfile accepts that too
         if len(header) < TAR_BLOCK:
             raise TarFormatError(f"the file ends inside a header at byte {pos}" if header else "empty file")
-        if header.count(0) == TAR_BLOCK:
+        if header == ZERO_BLOCK:
             return
         try:
             stored = _tar_number(header[148:156])
             size = _tar_number(header[124:136])
         except ValueError:
             stored, size = -1, 0
-        if stored not in (256 + sum(header[:148]) + sum(header[156:]),
-                          256 + sum(struct.unpack_from("148b8x356b", header))):
+        # tarfile's check: the header's byte sum with its checksum field read as spaces, unsigned
+        # (or, as some old tars wrote it, signed). It catches a size that sent us off a boundary.
+        if (stored != 256 + sum(header) - sum(header[148:156])
+                and stored != 256 + sum(struct.unpack_from("148b8x356b", header))):
             raise TarFormatError(f"byte {pos} is not a tar header")
         kind = header[156:157]
         if b"size" in pax:
@@ -430,6 +434,14 @@ class PairIndex:
 
     def caption(self, i: int) -> str:
         return self._text("caption", self.start + i)
+
+    def captions(self, pairs: list[int]) -> list[str]:
+        """The captions of many pairs: their bounds looked up at once (2-3x faster than one by one,
+        which a batch of 32k rows notices)."""
+        rows = np.asarray(pairs, dtype=np.int64) + self.start
+        ends, text = self.columns["caption_end"], self.columns["caption"]
+        firsts = np.where(rows > 0, ends[rows - 1], 0).tolist()
+        return [text[a:b].tobytes().decode("utf-8") for a, b in zip(firsts, ends[rows].tolist())]
 
     def __getitem__(self, i: int) -> Sample:
         if not 0 <= i < len(self):
@@ -726,7 +738,7 @@ class PairsDataset:
 
     def train_captions(self, step: int, batch_size: int) -> list[str]:
         """The global batch's captions from the index (no image decoded), caption noise applied."""
-        captions = [self.train.caption(pair) for pair in self._pairs((step - 1) * batch_size, batch_size)]
+        captions = self.train.captions(self._pairs((step - 1) * batch_size, batch_size))
         return mismatch_captions(captions, self.caption_noise, self.seed, step)
 
     def train_batch(self, step: int, batch_size: int, rows: slice = slice(None)) -> Batch:
@@ -756,7 +768,7 @@ class PairsDataset:
         the files, so any slice equals the same rows of the whole batch."""
         first = (step - 1) * batch_size
         pairs = self._pairs(first, batch_size)
-        captions = [self.train.caption(pair) for pair in pairs]
+        captions = self.train.captions(pairs)
         images = []
         mine = range(*rows.indices(batch_size))
         for row in mine:

@@ -293,6 +293,24 @@ def test_a_cached_dataset_travels_to_a_spawned_worker_as_its_folder_not_its_page
     assert torch.equal(copy.train_batch(4, 64).images, dataset.train_batch(4, 64).images)
 
 
+def test_a_csv_source_is_cached_like_shards_and_gives_the_same_batches(tmp_path):
+    (tmp_path / "images").mkdir()
+    lines = ["image,caption"]
+    for i in range(40):
+        (tmp_path / "images" / f"{i}.png").write_bytes(noise_png(i % 16))
+        lines.append(f"images/{i}.png,noise picture {i}")
+    lines.append("images/absent.png,a picture that is not there")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    spec = DataSpec(kind="csv", csv=str(tmp_path / "pairs.csv"), image_size=SIZE, eval_images=8)
+    memory = make_dataset(spec, seed=2)
+    for attempt in range(2):  # builds the cache, then reads it
+        cached = make_dataset(spec, seed=2, cache=tmp_path / "cache")
+        assert cached.skipped() == memory.skipped() == {"missing_image": 1}
+        for step in (1, 2):
+            a, b = cached.train_batch(step, 24), memory.train_batch(step, 24)
+            assert torch.equal(a.images, b.images) and a.captions == b.captions
+
+
 # --- the loader --------------------------------------------------------------------------------
 
 
@@ -311,6 +329,12 @@ def test_worker_processes_build_exactly_the_batches_of_the_trials_process_for_an
         in_workers = loaded(make_dataset(spec, seed=1, cache=tmp_path / "cache"), 96, rows, 2, 6, workers=2)
         expected = [(step, Batch(b.images[rows], b.captions[rows], b.labels[rows])) for step, b in straight[2:]]
         assert same_batches(in_workers, expected)
+
+
+def test_a_trial_resumed_at_its_last_step_gets_no_batch_and_starts_no_worker():
+    before = set(multiprocessing.active_children())
+    assert loaded(make_dataset(DataSpec(image_size=SIZE), seed=0), 32, slice(None), 5, 5, workers=2) == []
+    assert not worker_processes(before)
 
 
 def test_the_loader_leaves_the_trials_random_state_alone():

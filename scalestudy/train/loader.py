@@ -85,7 +85,11 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 def _end_workers(batches: Iterator[StepRows]) -> None:
     """End the workers now: DataLoader's own shutdown (a sentinel, then SIGTERM), and SIGKILL for
-    any that is still there: a worker stuck in a read, or one ignoring SIGTERM as ours do."""
+    any that is still there: a worker stuck in a read, or one ignoring SIGTERM as ours do.
+
+    `_workers` and `_shutdown_workers` are the DataLoader iterator's own (private) names; should a
+    torch release rename them, dropping the iterator still ends healthy workers (its __del__).
+    """
     workers = list(getattr(batches, "_workers", ()))
     shutdown = getattr(batches, "_shutdown_workers", None)
     if shutdown is not None:
@@ -125,7 +129,7 @@ def train_batches(
     Close the iterator (contextlib.closing) when the loop stops early, so the workers end at once.
     """
     steps = range(start + 1, end + 1)
-    if workers == 0:
+    if workers == 0 or not steps:  # a trial resumed at its last step starts no worker
         for step in steps:
             yield step, dataset.train_batch(step, batch_size, rows)
         return

@@ -10,8 +10,8 @@ many shards costs, once and from the cache.
    the same step's `step_time_s` (which includes it), so both see the same load on this shared
    machine; medians over the steps after the first. Target (issue "A trial engine fit for a GPU
    cluster"): loader wait < 10 % of the step.
-2. Alone. Back-to-back batches from `train_batches` with nothing to hide behind: what the loader can
-   deliver, ms per batch.
+2. Alone. 4 × steps back-to-back batches from `train_batches` with nothing to hide behind: the
+   rate the loader delivers at, ms per batch over the second half.
 3. The index. N shards of 1,000 pairs each: indexing them with the header-only reader in 1 and in
    2 processes, listing them through `tarfile` (the eager index did that and more), and a start-up
    that finds the index in the cache.
@@ -141,15 +141,13 @@ def in_loop(data: dict[str, Any], steps: int, threads: int, workers: int, out: P
 
 
 def alone_ms(data: dict[str, Any], steps: int, workers: int) -> float:
-    """Median time between back-to-back batches, after the first (worker start-up)."""
+    """Milliseconds a batch over the second half of `steps` back-to-back batches: by then the
+    batches the workers built ahead while the first was awaited are used up, so this is the rate
+    they build at."""
     dataset = make_dataset(DataSpec(**data, workers=workers), seed=0)
-    times, last = [], time.perf_counter()
-    for step, _ in train_batches(dataset, BATCH, slice(None), 0, steps, workers):
-        now = time.perf_counter()
-        if step > 1:
-            times.append(now - last)
-        last = now
-    return 1000 * statistics.median(times)
+    arrived = [time.perf_counter() for _ in train_batches(dataset, BATCH, slice(None), 0, steps, workers)]
+    half = steps // 2
+    return 1000 * (arrived[-1] - arrived[half - 1]) / (steps - half)
 
 
 def index_figures(root: Path, shards: int) -> dict[str, float]:
@@ -204,7 +202,7 @@ def run(steps: int, threads: int, workers: int, shards: int) -> dict[str, Any]:
                 load = os.getloadavg()[0]
                 figures = in_loop(data, steps, threads, count, root / "runs" / f"source{i}-{count}")
                 loop_rows.append({"source": label, "workers": count, "load": load, **figures})
-                alone_rows.append({"source": label, "workers": count, "ms": alone_ms(data, steps, count)})
+                alone_rows.append({"source": label, "workers": count, "ms": alone_ms(data, 4 * steps, count)})
         index = index_figures(root, shards)
     return {"loop": loop_rows, "alone": alone_rows, "index": index}
 
@@ -225,7 +223,7 @@ def main() -> None:
     for row in results["loop"]:
         print(f"| {row['source']} | {row['workers']} | {row['load']:.1f} | {row['wait_ms']:.1f} "
               f"| {row['step_ms']:.0f} | {100 * row['share']:.1f}% |")
-    print("\n| data source | data.workers | one batch after another, alone, ms |")
+    print("\n| data source | data.workers | loader alone, ms per batch |")
     print("|---|---:|---:|")
     for row in results["alone"]:
         print(f"| {row['source']} | {row['workers']} | {row['ms']:.1f} |")

@@ -25,9 +25,11 @@ from scalestudy.store.records import Derived, Trial
 DEFAULT_TEMPERATURE = {"softmax": 1 / 0.07, "sigmoid": 10.0}
 DEFAULT_SIGMOID_BIAS = -10.0
 # Parts of the config that do not change what a trial computes, so they are not in its id: where
-# it runs, which experiment trackers mirror its metrics, and activation checkpointing (bitwise the
-# same gradients, tests/test_models.py).
-NOT_IDENTITY = ("resources", "monitor.sinks", "model.grad_checkpointing")
+# it runs, which experiment trackers mirror its metrics, activation checkpointing (bitwise the
+# same gradients, tests/test_models.py) and how many processes build the batches (the same
+# batches, tests/test_loader.py).
+NOT_IDENTITY = ("resources", "monitor.sinks", "model.grad_checkpointing", "data.workers",
+                "data.worker_timeout_s")
 _MISSING = object()
 
 

@@ -119,6 +119,22 @@ class DataSpec(Spec):
         "captions per class with the class's colour and shape fixed (so prompts read like what "
         "the model trained on); CLIP's 7 ImageNet templates for an image folder.",
     )
+    workers: int = Field(
+        0,
+        ge=0,
+        description="Processes that build training batches, per rank (a PyTorch DataLoader over "
+        "steps; pinned memory when the trial trains on a GPU), each with one torch thread; real "
+        "data also indexes its shards in this many processes. 0: batches are built in the trial's "
+        "own process (real data one step ahead in a background thread). The batches are the same "
+        "either way; count these processes in resources.cpus.",
+    )
+    worker_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="With data.workers > 0: the trial stops with an error when no batch arrives "
+        "from its workers for this long (a worker stuck on a stalled read). One worker builds a "
+        "rank's whole batch, so raise it for very large batches of large images on slow storage.",
+    )
 
     @field_validator("shards", "eval_shards", mode="before")
     @classmethod

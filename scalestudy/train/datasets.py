@@ -4,6 +4,8 @@ classes from an image folder when data.zeroshot_dir names one."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from scalestudy.spec import DataSpec
 from scalestudy.train import realdata
 from scalestudy.train.data import Dataset, ShapesDataset, ZeroShotFolder
@@ -31,8 +33,12 @@ def shapes_dataset(
     )
 
 
-def make_dataset(spec: DataSpec, seed: int) -> Dataset:
-    """The data a trial trains and evaluates on; real data is indexed here, decoded per batch."""
+def make_dataset(spec: DataSpec, seed: int, cache: Path | None = None) -> Dataset:
+    """The data a trial trains and evaluates on; real data is indexed here, decoded per batch.
+
+    `cache` (the run directory's cache/ folder) keeps real data's index, built once and shared by
+    every rank, trial and resume on the same files; without it the index is built in memory.
+    """
     reader = realdata.ImageReader(spec.image_size)
     folder = (
         realdata.ImageFolder(spec.zeroshot_dir, spec.zeroshot_classes, spec.eval_images, reader)
@@ -46,4 +52,5 @@ def make_dataset(spec: DataSpec, seed: int) -> Dataset:
         templates = None if spec.kind == "shapes" and folder is None else realdata.CLIP_TEMPLATES
     if spec.kind == "shapes":
         return shapes_dataset(spec, seed, folder, templates)
-    return realdata.PairsDataset.from_spec(spec, seed, reader, folder, templates or realdata.CLIP_TEMPLATES)
+    return realdata.PairsDataset.from_spec(spec, seed, reader, folder, templates or realdata.CLIP_TEMPLATES,
+                                           cache)

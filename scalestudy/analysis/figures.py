@@ -45,10 +45,11 @@ def save(fig: Figure, out: Path, name: str) -> list[Path]:
     """Write `name`.png and `name`.svg under `out`; return both paths."""
     fig.tight_layout()
     paths = [out / f"{name}.png", out / f"{name}.svg"]
-    fig.savefig(paths[0], dpi=110)
+    # A tight bounding box keeps titles and legends placed above the panels (y > 1) in the file.
+    fig.savefig(paths[0], dpi=110, bbox_inches="tight")
     # Text stays text in the SVG (editable and searchable in a paper), not glyph outlines.
     with plt.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(paths[1])
+        fig.savefig(paths[1], bbox_inches="tight")
     plt.close(fig)
     return paths
 

@@ -33,6 +33,7 @@ from scalestudy.analysis.instability import (
     prediction_counts,
     sample_distinct,
     shuffled_counts,
+    spike_analysis,
 )
 from scalestudy.analysis.report import accuracy_fits
 from scalestudy.analysis.stats import (
@@ -46,7 +47,7 @@ from scalestudy.analysis.stats import (
     welch_test,
     wilson,
 )
-from scalestudy.analysis.summary import counts_line, findings, verdict
+from scalestudy.analysis.summary import counts_line, findings, loss_comparisons, verdict
 from scalestudy.analysis.synthetic import (
     TRUTH,
     PlantedSpikes,
@@ -408,7 +409,6 @@ def test_with_five_seeds_the_paired_comparison_finds_sigmoids_lead_and_lands_nea
     store = write_synthetic_run(tmp_path, batch_study(seeds=5))
     agg = aggregate(store.root, AXES)
     text = "\n".join(findings(agg, []))
-    from scalestudy.analysis.summary import loss_comparisons
     rows = loss_comparisons(agg)
     assert rows.height == 4 and rows["paired"].all() and (rows["n"] == 5).all()
     # A pair's difference has only the trials' own noise (the seed's share cancels):
@@ -732,3 +732,22 @@ def test_the_documented_examples_hold(module):
     import importlib
 
     assert doctest.testmod(importlib.import_module(f"scalestudy.analysis.{module}")).failed == 0
+
+
+def test_the_spike_analysis_gives_the_same_answer_on_rows_in_any_order(tmp_path):
+    store = write_synthetic_run(tmp_path, spike_study("order", seeds=2),
+                                spikes=PlantedSpikes(spikes_by_beta2, decoys_per_1k=4.0))
+    ran = pl.read_parquet(store.results_path)
+    steps = scan_steps(store.root, ran["trial_id"].to_list())
+    fast = spike_analysis(steps, ran)  # store order: windows of rows
+    shuffled = steps.collect().sample(fraction=1.0, shuffle=True, seed=3).lazy()
+    assert in_store_order(steps) and not in_store_order(shuffled)
+    slow = spike_analysis(shuffled, ran)  # sorted, windows by step number
+    assert fast is not None and slow is not None
+    assert fast.prediction.equals(slow.prediction) and fast.events == slow.events
+    # The event-triggered average, both ways, is the plain join of every step to every onset.
+    plain = event_triggered_average(steps, loss_spike_onsets(steps).collect(), ["rms_max", "rms_patch_embed"])
+    for eta in (fast.eta, slow.eta):
+        assert eta.columns == plain.columns
+        for column in plain.columns:
+            assert eta[column].to_list() == pytest.approx(plain[column].to_list(), nan_ok=True)

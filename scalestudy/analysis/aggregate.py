@@ -347,6 +347,6 @@ def aggregate(run_dir: str | Path, axes: list[str], include_diverged: bool = Tru
         trace_width=width,
         setting_traces=setting_traces(traces, used, by),
         evals=eval_curves(evals, used, by),
-        spikes=spike_analysis(steps, ran),
+        spikes=spike_analysis(scan_steps(run_dir, ran["trial_id"].to_list()), ran),
         knobs=knob_effects(ran, axes),
     )

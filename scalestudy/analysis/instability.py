@@ -67,11 +67,18 @@ def in_store_order(steps: pl.LazyFrame) -> bool:
     `aggregate.scan_steps` reads a run directory (one trial's parts after another, every step
     recorded). Then "the previous step" is the previous row and a window of steps is a window of
     rows, which the fast path uses; otherwise the analyses sort and window by step number."""
+    return _in_order(_order_check(steps).collect())
+
+
+def _order_check(steps: pl.LazyFrame) -> pl.LazyFrame:
     new = _new_trial()
-    check = steps.select(((pl.col("step").diff() == 1) | new).all().alias("consecutive"),
-                         new.sum().alias("blocks"), pl.col("trial_id").n_unique().alias("trials"),
-                         ).collect().row(0, named=True)
-    return bool(check["consecutive"]) and check["blocks"] == check["trials"]
+    return steps.select(((pl.col("step").diff() == 1) | new).all().alias("consecutive"),
+                        new.sum().alias("blocks"), pl.col("trial_id").n_unique().alias("trials"))
+
+
+def _in_order(check: pl.DataFrame) -> bool:
+    row = check.row(0, named=True)
+    return bool(row["consecutive"]) and row["blocks"] == row["trials"]
 
 
 def _new_trial() -> pl.Expr:
@@ -81,13 +88,14 @@ def _new_trial() -> pl.Expr:
 
 def _flagged_steps(steps: pl.LazyFrame, columns: list[str], ordered: bool) -> pl.LazyFrame:
     """`columns` of the steps with `_onset` (a loss-spike onset: flagged, the trial's previous
-    recorded step not) and `_new` (a trial's first row), in trial blocks with steps ascending."""
+    recorded step not), `_new` (a trial's first row) and `_trial` (its block number, an integer
+    key that joins and groups faster than the id), in trial blocks with steps ascending."""
     flagged = pl.col("is_loss_spike").fill_null(False)
     rows = steps.select(list(dict.fromkeys(["trial_id", "step", "is_loss_spike"] + columns)))
     if not ordered:
         rows = rows.sort("trial_id", "step")
     new = _new_trial()
-    return rows.with_columns(new.alias("_new"),
+    return rows.with_columns(new.alias("_new"), new.cum_sum().alias("_trial"),
                              (flagged & ~(flagged.shift(1).fill_null(False) & ~new)).alias("_onset"))
 
 
@@ -95,6 +103,23 @@ def loss_spike_onsets(steps: pl.LazyFrame, ordered: bool = False) -> pl.LazyFram
     """(trial_id, step) of every loss-spike onset: a flagged step whose previous step is not.
     `ordered`: the rows are known to be in store order (`in_store_order`), so no sort is needed."""
     return _flagged_steps(steps, [], ordered).filter(pl.col("_onset")).select("trial_id", "step")
+
+
+def _triggered_rows(steps: pl.LazyFrame, events: pl.LazyFrame, values: list[str], window: int,
+                    key: str, near_onsets: bool = False) -> pl.LazyFrame:
+    """`values` of the steps at offsets −window…+window from each event, joined on (key, step).
+
+    `near_onsets`: the events are the steps' own `_onset` rows in trial blocks, steps ascending;
+    then only rows within `window` rows of an onset can match (a step within `window` steps of it
+    is at most `window` rows away), so the join sees those alone, not every step.
+    """
+    offsets = pl.LazyFrame({"offset": np.arange(-window, window + 1)})
+    wanted = (events.select(key, pl.col("step").alias("_event")).join(offsets, how="cross")
+              .with_columns((pl.col("_event") + pl.col("offset")).alias("step")))
+    if near_onsets:
+        near = pl.col("_onset").cast(pl.Int8).rolling_max(2 * window + 1, center=True, min_samples=1)
+        steps = steps.filter(near > 0)
+    return steps.select([key, "step"] + values).join(wanted, on=[key, "step"], how="inner")
 
 
 def event_triggered_average(steps: pl.LazyFrame, events: pl.DataFrame, values: list[str],
@@ -106,14 +131,10 @@ def event_triggered_average(steps: pl.LazyFrame, events: pl.DataFrame, values: l
     by offset. Events within `window` steps of each other share steps, and events of one trial are
     not independent: the band is over events, read it as a description, not a test.
     """
-    if events.is_empty():
-        return pl.DataFrame()
-    offsets = pl.DataFrame({"offset": np.arange(-window, window + 1)})
-    wanted = (events.select("trial_id", pl.col("step").alias("event")).join(offsets, how="cross")
-              .with_columns((pl.col("event") + pl.col("offset")).alias("step")))
     present = [v for v in values if v in steps.collect_schema().names()]
-    rows = steps.select(["trial_id", "step"] + present).join(
-        wanted.lazy(), on=["trial_id", "step"], how="inner")
+    if events.is_empty() or not present:
+        return pl.DataFrame()
+    rows = _triggered_rows(steps, events.lazy(), present, window, "trial_id")
     return group_t_stats(rows, ["offset"], present, level).sort("offset")
 
 
@@ -143,6 +164,19 @@ def alarm_ids(before: np.ndarray, threshold: float) -> np.ndarray:
     return np.cumsum(starts) * firing
 
 
+def _eligible(flagged: pl.LazyFrame, lookback: int, value: str, ordered: bool) -> pl.LazyFrame:
+    if ordered:
+        first = pl.when(pl.col("_new")).then(pl.col("step")).forward_fill()
+        before = pl.col(value).rolling_max(lookback, min_samples=1).shift(1)
+    else:
+        first = pl.col("step").min().over("trial_id")
+        before = pl.col(value).rolling_max_by("step", window_size=f"{lookback}i",
+                                              closed="left").over("trial_id")
+    return (flagged.with_columns(before.alias("_before"), (pl.col("step") - first >= lookback).alias("_full"))
+            .filter(pl.col("_full") & pl.col("_before").is_not_null())
+            .select("trial_id", "_trial", "step", "_onset", "_before"))
+
+
 def eligible_steps(steps: pl.LazyFrame, lookback: int = LOOKBACK, value: str = "rms_max",
                    ordered: bool = False) -> pl.LazyFrame:
     """The steps a predictor can be judged on, with `_onset` (a loss-spike onset) and `_before`
@@ -155,75 +189,66 @@ def eligible_steps(steps: pl.LazyFrame, lookback: int = LOOKBACK, value: str = "
     previous `lookback` rows, a plain rolling window; otherwise the window is taken by step number
     within each trial (a slower path that gives the same answer on ordered rows, tested).
     """
-    rows = _flagged_steps(steps, [value], ordered)
-    if ordered:
-        first = pl.when(pl.col("_new")).then(pl.col("step")).forward_fill()
-        before = pl.col(value).rolling_max(lookback, min_samples=1).shift(1)
-    else:
-        first = pl.col("step").min().over("trial_id")
-        before = pl.col(value).rolling_max_by("step", window_size=f"{lookback}i",
-                                              closed="left").over("trial_id")
-    return (rows.with_columns(before.alias("_before"), (pl.col("step") - first >= lookback).alias("_full"),
-                              pl.col("_new").cum_sum().alias("_trial"))
-            .filter(pl.col("_full") & pl.col("_before").is_not_null())
-            .select("trial_id", "_trial", "step", "_onset", "_before"))
+    return _eligible(_flagged_steps(steps, [value], ordered), lookback, value, ordered)
 
 
-def prediction_queries(rows: pl.LazyFrame, thresholds: tuple[float, ...] = THRESHOLDS
-                       ) -> tuple[pl.LazyFrame, pl.LazyFrame]:
-    """The two lazy queries behind `PredictionCounts`: per-trial counts, and the lookback maxima
-    of the trials with onsets (for the shuffles). `rows` as `eligible_steps` returns them.
+def _names(rows: pl.LazyFrame) -> pl.LazyFrame:
+    """(_trial, trial_id) of each trial block of `eligible_steps` rows."""
+    return (rows.filter(pl.col("_trial") != pl.col("_trial").shift(1).fill_null(-1))
+            .select("_trial", "trial_id"))
 
-    The predictor fires at step t when the largest value over its lookback (`_before`) exceeds r.
-    Rows come in trial blocks with steps ascending, so an alarm starts where the predictor fires
-    and did not on the row before in the same trial; numbering the starts over the whole frame
-    gives every alarm its own id. The per-row flags are columns before the group-by (inside it, a
-    shift would run once per trial), and trials are grouped by their block number, not their id.
+
+def count_predictions(names: dict[int, str], blocks: np.ndarray, onset: np.ndarray,
+                      before: np.ndarray, thresholds: tuple[float, ...] = THRESHOLDS) -> PredictionCounts:
+    """`PredictionCounts` from the eligible steps as arrays, in trial blocks with steps ascending
+    (`blocks`: each row's trial block number, `names`: block → trial id).
+
+    The predictor fires where `before` (the lookback maximum) exceeds r. An alarm starts where it
+    fires and did not on the row before in the same trial; numbering the starts over all rows
+    gives every alarm its own id, and an alarm is true when an onset lies on one of its rows.
+    Sums per trial are `np.add.reduceat` over the blocks' first rows.
     """
-    new = pl.col("_trial") != pl.col("_trial").shift(1).fill_null(-1)
-    flags: list[pl.Expr] = []
-    aggs: list[pl.Expr] = [pl.col("trial_id").first(), pl.len().alias("eligible"),
-                           pl.col("_onset").sum().alias("onsets")]
+    starts = np.flatnonzero(np.concatenate([[True], blocks[1:] != blocks[:-1]])) if blocks.size else blocks
+    k = len(thresholds)
+    if not starts.size:
+        empty = np.zeros((k, 0), dtype=np.int64)
+        return PredictionCounts(tuple(thresholds), [], np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                empty, empty, empty, empty, [])
+    first_of_trial = np.zeros(blocks.size, dtype=bool)
+    first_of_trial[starts] = True
+
+    def per_trial(flags: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(flags.astype(np.int64), starts)
+
+    covered, alarms, caught, true_alarms = (np.zeros((k, starts.size), dtype=np.int64) for _ in range(4))
     for i, r in enumerate(thresholds):
-        firing = pl.col("_before") > r
-        start = firing & ~(firing.shift(1).fill_null(False) & ~new)
-        flags += [firing.alias(f"_fire{i}"), start.alias(f"_start{i}"),
-                  start.cum_sum().alias(f"_ep{i}")]
-        fire = pl.col(f"_fire{i}")
-        aggs += [fire.sum().alias(f"covered_{i}"), pl.col(f"_start{i}").sum().alias(f"alarms_{i}"),
-                 (fire & pl.col("_onset")).sum().alias(f"caught_{i}"),
-                 pl.col(f"_ep{i}").filter(fire & pl.col("_onset")).n_unique().alias(f"true_{i}")]
-    counts = rows.with_columns(flags).group_by("_trial").agg(aggs).sort("_trial")
-    spiky = rows.filter(pl.col("_onset")).select("_trial").unique()
-    series = rows.join(spiky, on="_trial", how="semi").select("_trial", "_before")
-    return counts, series
-
-
-def counts_from(counts: pl.DataFrame, series: pl.DataFrame,
-                thresholds: tuple[float, ...] = THRESHOLDS) -> PredictionCounts:
-    """`PredictionCounts` from the collected `prediction_queries` (series in trial order)."""
-    def per_threshold(name: str) -> np.ndarray:
-        return np.array([counts[f"{name}_{i}"].to_numpy() for i in range(len(thresholds))],
-                        dtype=np.int64).reshape(len(thresholds), counts.height)
-
-    names = dict(zip(counts["_trial"].to_list(), counts["trial_id"].to_list()))
-    blocks = series["_trial"].to_numpy()
-    values = series["_before"].to_numpy()
-    cuts = np.flatnonzero(np.diff(blocks)) + 1
+        firing = before > r
+        start = firing & ~(np.concatenate([[False], firing[:-1]]) & ~first_of_trial)
+        hit = firing & onset
+        covered[i], alarms[i], caught[i] = per_trial(firing), per_trial(start), per_trial(hit)
+        rows = np.flatnonzero(hit)
+        # The alarm each caught onset lies in: the last alarm start at or before its row. Each
+        # alarm lies in one trial, so distinct alarms hit are counted per trial.
+        alarm_of_hit = np.searchsorted(np.flatnonzero(start), rows, side="right")
+        distinct = rows[np.concatenate([[True], alarm_of_hit[1:] != alarm_of_hit[:-1]])] if rows.size else rows
+        true_alarms[i] = np.bincount(np.searchsorted(starts, distinct, side="right") - 1,
+                                     minlength=starts.size)
+    ends = np.append(starts[1:], blocks.size)
+    onsets = per_trial(onset)
+    ids = [names[int(b)] for b in blocks[starts]]
     return PredictionCounts(
-        thresholds=tuple(thresholds), trial_ids=counts["trial_id"].to_list(),
-        eligible=counts["eligible"].to_numpy().astype(np.int64),
-        onsets=counts["onsets"].to_numpy().astype(np.int64),
-        covered=per_threshold("covered"), alarms=per_threshold("alarms"),
-        caught=per_threshold("caught"), true_alarms=per_threshold("true"),
-        series=[(names[int(block[0])], part) for block, part in
-                zip(np.split(blocks, cuts), np.split(values, cuts)) if block.size],
+        thresholds=tuple(thresholds), trial_ids=ids,
+        eligible=(ends - starts).astype(np.int64), onsets=onsets,
+        covered=covered, alarms=alarms, caught=caught, true_alarms=true_alarms,
+        series=[(ids[j], before[starts[j]:ends[j]]) for j in np.flatnonzero(onsets)],
     )
 
 
 def prediction_counts(rows: pl.LazyFrame, thresholds: tuple[float, ...] = THRESHOLDS) -> PredictionCounts:
-    """Count, per trial, what `spike_prediction` needs, in one lazy pass over `eligible_steps`."""
-    return counts_from(*pl.collect_all(list(prediction_queries(rows, thresholds))), thresholds)
+    """Count, per trial, what `spike_prediction` needs, from `eligible_steps` rows."""
+    frame, names = pl.collect_all([rows.select("_trial", "_onset", "_before"), _names(rows)])
+    return count_predictions(dict(names.iter_rows()), frame["_trial"].to_numpy(),
+                             frame["_onset"].to_numpy(), frame["_before"].to_numpy(), thresholds)
 
 
 def sample_distinct(rng: np.random.Generator, n: int, k: int, rows: int) -> np.ndarray:
@@ -331,33 +356,45 @@ class SpikeAnalysis:
 def spike_analysis(steps: pl.LazyFrame, ran: pl.DataFrame, lookback: int = LOOKBACK,
                    window: int = WINDOW, thresholds: tuple[float, ...] = THRESHOLDS,
                    n_shuffles: int = N_SHUFFLES, level: float = LEVEL, seed: int = 0) -> SpikeAnalysis | None:
-    """Every loss-spike analysis over the trials `ran` (done or diverged), or None when none of
-    them had a loss spike or none recorded the update RMS (nothing to relate)."""
+    """Every loss-spike analysis over the trials `ran` (done or diverged) and their `steps`, or
+    None when none of them had a loss spike or none recorded the update RMS (nothing to relate).
+
+    One pass over the steps (a single `collect_all`, so polars reads and windows them once): the
+    eligible rows come back as three columns, which numpy counts; the event-triggered rows are
+    joined on the integer block number, not the trial id.
+    """
     if "loss_spike_count" not in ran.columns or not (ran["loss_spike_count"].fill_null(0) > 0).any():
         return None
-    if "rms_max" not in steps.collect_schema().names():
+    present = [c for c in RMS_COLUMNS if c in steps.collect_schema().names()]
+    if "rms_max" not in present:
         return None
-    mine = steps.filter(pl.col("trial_id").is_in(ran["trial_id"].to_list()))
-    recorded = mine.group_by("trial_id").agg(pl.col("rms_max").is_not_null().any()).collect()
-    with_rms = mine.filter(pl.col("trial_id").is_in(recorded.filter("rms_max")["trial_id"].to_list()))
-    ordered = in_store_order(with_rms)
-    rows = eligible_steps(with_rms, lookback, ordered=ordered)
-    # One collect for everything over the steps, so polars reads and windows them once.
-    counts, series, onsets, before, typical = pl.collect_all([
-        *prediction_queries(rows, thresholds),
-        loss_spike_onsets(with_rms, ordered),
-        rows.filter(pl.col("_onset")).select("_before"),
-        rows.select(pl.col("_before").mean()),
-    ])
-    if counts.is_empty() or counts["onsets"].sum() == 0:
+    # Speculatively in store order (as scan_steps reads a run directory), checked in the same
+    # pass; rows in any other order are sorted and windowed by step number instead.
+    for ordered in (True, False):
+        flagged = _flagged_steps(steps, present, ordered)
+        rows = _eligible(flagged, lookback, "rms_max", ordered)
+        events = flagged.filter(pl.col("_onset")).select("_trial", "step")
+        frame, names, onsets, triggered, check = pl.collect_all([
+            rows.select("_trial", "_onset", "_before"), _names(rows), events,
+            _triggered_rows(flagged, events, present, window, "_trial", near_onsets=True),
+            _order_check(steps)])
+        if not ordered or _in_order(check):
+            break
+    counts = count_predictions(dict(names.iter_rows()), frame["_trial"].to_numpy(),
+                               frame["_onset"].to_numpy(), frame["_before"].to_numpy(), thresholds)
+    if not counts.onsets.sum():
         return None
-    prediction = counts_from(counts, series, thresholds)
+    # Events and their averages only in trials that recorded the RMS (those with eligible steps).
+    recorded = names["_trial"].to_list()
+    onset = frame["_onset"].to_numpy()
+    before = frame["_before"].to_numpy()
     return SpikeAnalysis(
-        events=onsets.height, trials=counts.height,
-        eta=event_triggered_average(with_rms, onsets, list(RMS_COLUMNS), window, level),
-        prediction=spike_prediction(prediction, n_shuffles, seed), lookback=lookback, window=window,
-        n_shuffles=n_shuffles, before_onsets=t_interval(before["_before"].to_numpy(), level),
-        before_any_step=float(typical.item()))
+        events=onsets.filter(pl.col("_trial").is_in(recorded)).height, trials=counts.eligible.size,
+        eta=group_t_stats(triggered.filter(pl.col("_trial").is_in(recorded)), ["offset"], present,
+                          level).sort("offset"),
+        prediction=spike_prediction(counts, n_shuffles, seed), lookback=lookback, window=window,
+        n_shuffles=n_shuffles, before_onsets=t_interval(before[onset], level),
+        before_any_step=float(np.nanmean(before)))
 
 
 @dataclass(frozen=True)

@@ -204,20 +204,19 @@ def spike_lines(spikes: SpikeAnalysis | None) -> list[str]:
              f"against {spikes.before_any_step:.2f} before an average step."]
     prediction = spikes.prediction
     adjusted = holm(prediction["p_value"].to_list())
-    parts, predictive = [], []
+    parts, predictive, floor = [], [], []
     for row, p_adj in zip(prediction.iter_rows(named=True), adjusted):
         if row["alarms"] == 0:
             parts.append(f"r = {row['threshold']:g}: rms_max never exceeded it (recall 0)")
             continue
         lift = f"{row['lift']:.1f}×" if row["lift"] is not None else "n/a"
-        floor = row["p_value"] <= 1 / (1 + spikes.n_shuffles)
+        if row["p_value"] <= 1 / (1 + spikes.n_shuffles):
+            floor.append(f"{row['threshold']:g}")
         parts.append(
             f"r = {row['threshold']:g}: recall {percent(row['recall'], 0)} (shuffled "
             f"{percent(row['control_recall'], 0)}), precision {percent(row['precision'], 0)} "
             f"(shuffled {percent(row['control_precision'], 0)}, lift {lift}), "
-            f"permutation p {p_text(p_adj)}"
-            + (f" (no shuffle caught as many; the smallest p {spikes.n_shuffles} shuffles can give)"
-               if floor else ""))
+            f"permutation p {p_text(p_adj)}")
         if p_adj is not None and p_adj < ALPHA:
             predictive.append(f"{row['threshold']:g}")
     conclusion = (f"rms_max above r = {', '.join(predictive)} predicts loss spikes better than "
@@ -225,6 +224,10 @@ def spike_lines(spikes: SpikeAnalysis | None) -> list[str]:
                   if predictive else
                   "at no threshold does rms_max predict loss spikes better than shuffled spike "
                   "times: inconclusive")
+    if floor:
+        conclusion += (f"; at r = {', '.join(floor)} no shuffle caught as many onsets, so p is "
+                       f"the smallest {spikes.n_shuffles} shuffles can show (1/{spikes.n_shuffles + 1}, "
+                       f"times Holm's factor)")
     lines.append(
         f"Predictor \"rms_max > r at any of the {spikes.lookback} steps before\", against "
         f"{spikes.n_shuffles} within-trial shuffles of the spike times: " + "; ".join(parts)
@@ -253,8 +256,10 @@ def knob_part(row: dict) -> str:
                 f"({row['method']} p {p_text(row['p'])}, Holm {p_text(row['p_holm'])}): {word}")
     scale, unit, digits = (100.0, " pp", 1) if metric == "zeroshot_top1" else (1.0, "", 2)
     how = f"paired over {row['n']}" if row["paired"] else "unpaired, Welch t"
-    sure = sure and row["ci_low"] is not None and (row["ci_low"] > 0 or row["ci_high"] < 0)
-    word = word if sure else "inconclusive"
+    clear = row["ci_low"] is not None and (row["ci_low"] > 0 or row["ci_high"] < 0)
+    if not (sure and clear):
+        word = ("inconclusive after Holm's correction" if clear else
+                "inconclusive: no interval" if row["ci_low"] is None else "inconclusive")
     return (f"{KNOB_LABELS.get(metric, metric)} {signed(row['diff'], scale, unit, digits)} "
             f"({LEVEL:.0%} t-CI {interval(row['ci_low'], row['ci_high'], scale, unit, digits)}, "
             f"{how}, Holm p {p_text(row['p_holm'])}): {word}")

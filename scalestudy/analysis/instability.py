@@ -342,7 +342,7 @@ class SpikeAnalysis:
     """The loss-spike analyses of a study (None from `spike_analysis` when it has no loss spikes
     or no update RMS recorded)."""
 
-    events: int  # loss-spike onsets in trials that recorded the update RMS (all, for the ETA)
+    events: int  # loss-spike onsets in trials that recorded the update RMS: the ETA's events
     trials: int  # trials with the update RMS recorded
     eta: pl.DataFrame  # event_triggered_average of RMS_COLUMNS
     prediction: pl.DataFrame  # spike_prediction over THRESHOLDS

@@ -15,7 +15,8 @@ Timings are taken inside the page (`performance.now()`): the overview from navig
 table of 200 rows drawn; the instability view of the 20 spikiest trials from the route change (a
 click from the overview) and, cold, from navigation start when opened by its URL, to all 20
 grad-norm traces (every point, checked) and the aligned loss/temperature/bias/update-RMS panels
-drawn. Results are recorded in benchmarks/README.md.
+drawn, grad-norm spikes circled and loss spikes marked with triangles. Results are recorded in
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 import yaml
 
@@ -62,7 +64,8 @@ STUDY = {
 
 def synthetic_series(seed: int, batch: int, beta2: float, sigmoid: bool) -> dict[str, np.ndarray]:
     """Per-step traces shaped like real ones: decaying noisy grad norm, spikes that grow with batch
-    size and β2 = 0.999 (SigLIP §4.4), a loss bump after each spike, rising temperature."""
+    size and β2 = 0.999 (SigLIP §4.4), each with a loss spike (double the loss, decaying) and an
+    update-RMS bump 3 steps before it (Wortsman et al. 2023 §3.4), rising temperature."""
     rng = np.random.default_rng(seed * 7919 + batch)
     steps = np.arange(1, STEPS + 1)
     grad = 2.0 * (steps / 100 + 1) ** -0.3 * np.exp(rng.normal(0, 0.15, STEPS))
@@ -71,13 +74,13 @@ def synthetic_series(seed: int, batch: int, beta2: float, sigmoid: bool) -> dict
     grad[spikes] *= rng.uniform(4, 40, spikes.size)
     loss = 4.0 * (steps / 50 + 1) ** -0.25 + rng.normal(0, 0.03, STEPS)
     for s in spikes:
-        loss[s:s + 200] += 0.5 * np.exp(-np.arange(min(200, STEPS - s)) / 40)
+        loss[s:s + 200] *= 1 + np.exp(-np.arange(min(200, STEPS - s)) / 40)
     return {
         "grad_norm": grad,
         "loss": loss,
         "temperature": 10 + 20 * (1 - np.exp(-steps / 3000)),
         "bias": -10 + 3 * (1 - np.exp(-steps / 4000)) if sigmoid else np.full(STEPS, np.nan),
-        "rms_max": np.exp(rng.normal(0, 0.2, STEPS)) + np.isin(steps, spikes + 3) * 5,
+        "rms_max": np.exp(rng.normal(0, 0.2, STEPS)) + np.isin(steps, spikes - 2) * 5,
         "lr": np.minimum(steps / 1000, 1) * 1e-3,
     }
 
@@ -197,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         server.kill()
         raise RuntimeError(f"the dashboard did not start: {line}{server.stderr.read()}")
     url = address.group(0)
-    # The 20 trials with the most spikes: what a researcher chasing spikes would open.
-    spiky = sorted(store.trial_ids(), key=lambda t: -len(
-        store.trial(t).metrics().filter(is_spike=True)))[:20]
+    # The 20 trials with the most spikes of both kinds: what a researcher chasing spikes would open.
+    spiky = sorted(store.trial_ids(), key=lambda t: -int(
+        store.trial(t).metrics().select(pl.col("is_spike").sum() + pl.col("is_loss_spike").sum()).item()))[:20]
     every_point = {"traces": 20, "points": sum(store.trial(t).metrics().height for t in spiky)}
     instability_url = f"{url}#/instability?trials={','.join(spiky)}"
     times: dict[str, list[float]] = {"overview": [], "from overview": [], "data": [], "direct": []}

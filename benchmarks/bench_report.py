@@ -3,12 +3,15 @@
 
 Writes a synthetic run directory with the store's own writers (scalestudy.analysis.synthetic:
 2 losses × 10 batch sizes × 2 β2 × 25 seeds, 2 % diverged, 1 % failed, every trial 10,000 steps
-of the full per-step column set, one compacted metrics part each, as a finished trial leaves it),
-then times `aggregate()` — results.parquet scanned, per-setting means and 2,000-replicate bootstrap
-CIs of four metrics, status counts, instability, and the step frame (10 M rows) reduced to 200
-bins per trial plus the early-training view — over --repeats rounds. The store is reused when it
-is already there (writing it takes minutes). Also timed once, for information: rebuilding
-results.parquet from the trial directories, the fits, and the figures.
+of the full per-step column set, one compacted metrics part each, as a finished trial leaves it,
+10 evaluations, and loss spikes planted after update-RMS bumps, 3 per 1,000 steps at β2 = 0.999
+and 1 at 0.95), then times `aggregate()` — results.parquet scanned, per-setting means and
+Student-t CIs of five metrics, status counts, instability, the step frame (10 M rows) reduced to
+200 bins per trial plus the early-training view and per-setting traces, the evaluations averaged
+per step, and the loss-spike analyses (event-triggered RMS, the RMS predictor against 200
+within-trial shuffles, knob effects) — over --repeats rounds. The store is reused when it is
+already there (writing it takes minutes). Also timed once, for information: the spike analyses on
+their own, rebuilding results.parquet from the trial directories, the fits, and the figures.
 
     .venv/bin/python benchmarks/bench_report.py [--trials 1000] [--steps 10000] [--repeats 5]
         [--dir /tmp/scalestudy-bench-report]
@@ -24,10 +27,11 @@ from pathlib import Path
 
 import polars as pl
 
-from scalestudy.analysis.aggregate import aggregate
+from scalestudy.analysis.aggregate import aggregate, scan_steps
+from scalestudy.analysis.instability import spike_analysis
 from scalestudy.analysis.report import accuracy_fits, draw_figures
-from scalestudy.analysis.synthetic import write_synthetic_run
-from scalestudy.store import RunStore, Trial, write_results
+from scalestudy.analysis.synthetic import PlantedSpikes, write_synthetic_run
+from scalestudy.store import RESULTS, RunStore, Trial, write_results
 
 BATCH_SIZES = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 AXES = ["loss.kind", "optim.beta2", "train.batch_size", "train.seed"]
@@ -37,7 +41,7 @@ def bench_study(trials: int) -> dict:
     seeds = max(1, trials // (2 * 2 * len(BATCH_SIZES)))
     return {
         "name": "bench_report",
-        "base": {"train": {"examples_seen": 8192}},
+        "base": {"train": {"examples_seen": 8192, "eval_every": 1000}},
         "sweep": {"grid": {"loss.kind": ["softmax", "sigmoid"], "optim.beta2": [0.999, 0.95],
                            "train.batch_size": BATCH_SIZES, "train.seed": list(range(seeds))}},
     }
@@ -49,6 +53,11 @@ def outcome(trial: Trial) -> str:
     if key < 2 and trial.config.train.batch_size >= 1024:
         return "diverged"
     return "failed" if key == 99 else "done"
+
+
+def planted_rate(trial: Trial) -> float:
+    """Loss spikes per 1,000 steps planted in a trial: more with β2 = 0.999 (SigLIP §4.4)."""
+    return 3.0 if trial.config.optim.beta2 > 0.99 else 1.0
 
 
 def timed(label: str, fn, repeats: int = 1) -> list[float]:  # type: ignore[no-untyped-def]
@@ -75,7 +84,7 @@ def main() -> None:
     if not store.results_path.exists():
         print(f"writing {args.trials} trials × {args.steps} steps under {store.root} …", flush=True)
         timed("write the synthetic store", lambda: write_synthetic_run(
-            args.dir, study, steps=args.steps, status_of=outcome))
+            args.dir, study, steps=args.steps, status_of=outcome, spikes=PlantedSpikes(planted_rate)))
     trials = pl.read_parquet(store.results_path)
     print(f"{trials.height} trials ({dict(trials['status'].value_counts().iter_rows())}), "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -85,7 +94,12 @@ def main() -> None:
     agg = aggregate(store.root, AXES)
     steps = int(trials["step"].sum())
     print(f"  {steps:,} steps read; {agg.traces.height:,} trace bins, {agg.early.height:,} early "
-          f"bins; target < 5 s: {'met' if statistics.median(times) < 5 else 'MISSED'}")
+          f"bins, {agg.evals.height:,} evaluation points, "
+          f"{agg.spikes.events if agg.spikes else 0:,} loss-spike onsets; "
+          f"target < 5 s: {'met' if statistics.median(times) < 5 else 'MISSED'}")
+    ran = trials.filter(trials["status"].is_in(RESULTS) & trials["in_study"])
+    timed("  of which the loss-spike analyses", lambda: spike_analysis(
+        scan_steps(store.root, ran["trial_id"].to_list()), ran))
     timed("write_results (results.parquet from the trial directories)", lambda: write_results(store))
     fits = []
     timed("fits (one per line, 1,000 bootstrap refits each)",

@@ -98,17 +98,24 @@ def trials(root: Path) -> dict[str, TrialStore]:
     return {store.trial(t).read_trial().config.loss.kind: store.trial(t) for t in store.trial_ids()}
 
 
-def continue_trial(ts: TrialStore, steps: int, spike_at: int | None = None) -> int:
+def continue_trial(ts: TrialStore, steps: int, spike_at: int | None = None,
+                   loss_spike_at: int | None = None) -> int:
     """Mark the trial running and append `steps` rows with the trial's own writer; returns the last
-    step. The row at `spike_at` is a gradient-norm spike, 50× the norm before it."""
+    step. The row at `spike_at` is a gradient-norm spike, 50× the norm before it; the row at
+    `loss_spike_at` a loss spike, 3× the loss before it, after an update-RMS bump 3 steps earlier
+    (as Wortsman et al. 2023 §3.4 see them)."""
     last = ts.metrics().row(-1, named=True)
     ts.update_state(status="running")
     rows = []
     for step in range(last["step"] + 1, last["step"] + steps + 1):
-        spike = step == spike_at
+        spike, loss_spike = step == spike_at, step == loss_spike_at
+        bump = loss_spike_at is not None and step == loss_spike_at - 3
         rows.append({**last, "step": step, "examples_seen": step * last["examples_seen"] // last["step"],
                      "is_spike": spike, "spike_ratio": 50.0 if spike else 1.0,
-                     "grad_norm": last["grad_norm"] * (50 if spike else 1)})
+                     "grad_norm": last["grad_norm"] * (50 if spike else 1),
+                     "is_loss_spike": loss_spike, "loss_spike_ratio": 3.0 if loss_spike else 1.0,
+                     "loss": last["loss"] * (3 if loss_spike else 1),
+                     "rms_max": 4.0 if bump else (last["rms_max"] or 0.9)})
     ts.append_metrics(rows)
     return rows[-1]["step"]
 
@@ -130,6 +137,7 @@ def test_the_overview_lists_every_trial_with_its_swept_values_state_and_figures(
         assert row["status"] == "done" and row["step"] == row["steps"] == 16
         assert 0 <= row["zeroshot_top1"] <= 1 and row["best_zeroshot_top1"] >= row["zeroshot_top1"]
         assert isinstance(row["spike_count"], int) and row["problem"] is None
+        assert isinstance(row["loss_spike_count"], int) and row["stalled"] in (True, False)
 
 
 def test_metrics_come_as_float64_columns_and_only_after_the_step_asked(serve, run_dir):
@@ -151,19 +159,23 @@ def test_metrics_come_as_float64_columns_and_only_after_the_step_asked(serve, ru
     assert get(f"{serve}/api/trials/{softmax.trial_id}/metrics?after=ten")[0] == 400
 
 
-def test_steps_a_running_trial_appends_arrive_on_the_next_poll_with_their_spike(serve, run_dir):
+def test_steps_a_running_trial_appends_arrive_on_the_next_poll_with_both_kinds_of_spike(serve, run_dir):
     ts = trials(run_dir)["sigmoid"]
-    last = continue_trial(ts, steps=4, spike_at=18)
+    last = continue_trial(ts, steps=6, spike_at=18, loss_spike_at=21)
     header, cols = decode_metrics(get(f"{serve}/api/trials/{ts.trial_id}/metrics?after=16")[1])
     assert header["status"] == "running"
-    assert cols["step"].tolist() == [17, 18, 19, 20] and last == 20
-    assert cols["is_spike"].tolist() == [0, 1, 0, 0]
+    assert cols["step"].tolist() == [17, 18, 19, 20, 21, 22] and last == 22
+    assert cols["is_spike"].tolist() == [0, 1, 0, 0, 0, 0]
+    assert cols["is_loss_spike"].tolist() == [0, 0, 0, 0, 1, 0]
+    assert cols["rms_max"][cols["step"] == 18].tolist() == [4.0]  # the bump 3 steps before
 
     row = next(r for r in get_json(f"{serve}/api/overview")["trials"] if r["trial_id"] == ts.trial_id)
     assert row["status"] == "running"
     # Live figures for a trial without a summary: counted from its history so far.
     assert row["spike_count"] == int(ts.metrics()["is_spike"].sum()) >= 1
     assert row["max_spike_ratio"] == 50.0
+    assert row["loss_spike_count"] == int(ts.metrics()["is_loss_spike"].sum()) >= 1
+    assert row["max_loss_spike_ratio"] == 3.0 and row["first_loss_spike_step"] <= 21
 
 
 def test_polling_reads_only_the_parts_that_end_after_the_step_asked(run_dir):
@@ -261,8 +273,9 @@ def test_scaling_curves_are_the_reports_seed_statistics_from_current_results(ser
     assert set(curves) == {"softmax", "sigmoid"}
     for kind, ts in trials(run_dir).items():
         [[batch, mean, std, seeds, ci_low, ci_high]] = curves[kind]
-        assert (batch, std, seeds) == (32, 0.0, 1)
-        assert mean == ci_low == ci_high == pytest.approx(ts.summary()["zeroshot_top1"])
+        # One seed: its value, and no spread or interval (not a zero-width one).
+        assert (batch, seeds) == (32, 1) and std is ci_low is ci_high is None
+        assert mean == pytest.approx(ts.summary()["zeroshot_top1"])
     assert data["chance"] == pytest.approx(1 / 40)
     assert get(f"{serve}/api/scaling?y=os.system")[0] == 404
 

@@ -1,6 +1,10 @@
 """The dashboard in a real headless Chromium: `scalestudy dashboard` serves a real tiny study, the
-page lists the trials, the instability view marks the spike the test put in, and steps the test
-appends with the trial's own writer show up without a reload.
+page lists the trials, the instability view marks the grad-norm spike and the loss spike the test
+put in (circles and triangles, with a legend), and steps the test appends with the trial's own
+writer show up without a reload.
+
+Every test starts from its own copy of the finished study and its own dashboard process, so each
+one passes alone and in any order.
 
 Needs Debian's `chromium` and `chromium-driver` (.ci/run installs them). Skipped where they are
 missing, except in CI (CI set), where a missing browser fails the test.
@@ -44,8 +48,8 @@ def require_browser() -> None:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real one-trial sigmoid study, finished, that the tests then extend as if still training."""
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real one-trial sigmoid study, finished; trained once for the module, never changed."""
     require_browser()
     base = tmp_path_factory.mktemp("browser")
     study = base / "study.yaml"
@@ -54,7 +58,13 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base / "runs" / "live"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
+def run_dir(finished_run: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the finished study, which it may extend as if still training."""
+    return Path(shutil.copytree(finished_run, tmp_path / "live"))
+
+
+@pytest.fixture
 def dashboard(run_dir: Path) -> Iterator[str]:
     """`scalestudy dashboard RUN_DIR --port 0` as a user runs it; yields the URL it prints."""
     process = subprocess.Popen(
@@ -110,14 +120,15 @@ def css(driver, selector: str):
     return driver.find_elements(By.CSS_SELECTOR, selector)
 
 
-def test_the_page_lists_trials_marks_a_spike_and_shows_new_steps_without_a_reload(
+def test_the_page_lists_trials_marks_both_kinds_of_spike_and_shows_new_steps_without_a_reload(
         run_dir, dashboard, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 
     ts = RunStore(run_dir).trial(RunStore(run_dir).trial_ids()[0])
-    first_spike = 20
-    continue_trial(ts, steps=10, spike_at=first_spike)  # steps 17–26, as a trial still training
+    first_spike, loss_spike = 20, 24
+    # Steps 17–26, as a trial still training: a grad-norm spike at 20, a loss spike at 24.
+    continue_trial(ts, steps=10, spike_at=first_spike, loss_spike_at=loss_spike)
 
     browser.get(dashboard)
     rows = wait_for(browser, lambda d: css(d, "#trials tbody tr") or False, what="the trial table")
@@ -136,7 +147,24 @@ def test_the_page_lists_trials_marks_a_spike_and_shows_new_steps_without_a_reloa
     ActionChains(browser).move_to_element(marker).perform()
     tooltip = wait_for(browser, lambda d: d.find_element("id", "tooltip").text or False,
                        what="the hover tooltip")
-    assert f"step {first_spike}" in tooltip and "spike" in tooltip
+    assert f"step {first_spike}" in tooltip and "grad-norm spike" in tooltip
+
+    # The loss spike is a triangle, on the loss panel and on the update-RMS panel below it, and
+    # never a grad-norm circle; the legend names both markers.
+    loss_marks = css(browser, f'path.loss-spike[data-trial="{ts.trial_id}"][data-step="{loss_spike}"]')
+    panels = {m.find_element("xpath", "ancestor::div[@class='plot']").get_attribute("data-title")
+              for m in loss_marks}
+    assert panels == {"loss", "update RMS: max over matrices of RMS(g² / v̂)"}
+    assert not css(browser, f'circle.spike[data-step="{loss_spike}"]')
+    assert not css(browser, f'path.loss-spike[data-step="{first_spike}"]')
+    legend = {item.get_attribute("data-kind"): item.text for item in css(browser, "#marker-legend .marker-item")}
+    assert legend["grad"].startswith("grad-norm spike") and legend["loss"].startswith("loss spike")
+    assert css(browser, '#marker-legend [data-kind="grad"] circle.spike')
+    assert css(browser, '#marker-legend [data-kind="loss"] path.loss-spike')
+    ActionChains(browser).move_to_element(loss_marks[0]).perform()
+    wait_for(browser, lambda d: f"step {loss_spike}" in d.find_element("id", "tooltip").text,
+             what="the tooltip at the loss spike")
+    assert "▲ loss spike, 3× the running median" in browser.find_element("id", "tooltip").text
 
     # Wheel-zooming at the left edge leaves the spike out of view; a double-click shows it all again.
     for _ in range(10):
@@ -154,6 +182,8 @@ def test_the_page_lists_trials_marks_a_spike_and_shows_new_steps_without_a_reloa
     legend_step = css(browser, f'.legend-item[data-trial="{ts.trial_id}"] .last-step')[0]
     wait_for(browser, lambda d: legend_step.text == str(last), timeout=LIVE_WAIT_S,
              what=f"the legend to show step {last}")
+    counts = css(browser, f'.legend-item[data-trial="{ts.trial_id}"]')[0]
+    assert counts.find_element("css selector", ".loss-spikes").text == "1"
     assert browser.execute_script("return window.notReloaded") is True
     asked = browser.execute_script(
         "return performance.getEntriesByType('resource').map(e => e.name).filter(n => n.includes('/metrics'))")
@@ -174,12 +204,14 @@ def test_the_run_view_shows_a_trials_config_and_evaluations_and_the_scaling_view
     assert len(evals) == 1 + len(RunStore(run_dir).trial(trial_id).evals())
     wait_for(browser, lambda d: css(d, '.plot[data-title="loss"]'), what="the loss trace")
 
+    # While the trial is running there is no result to plot yet ...
+    RunStore(run_dir).trial(trial_id).update_state(status="running")
     browser.get(f"{dashboard}#/scaling")
-    # The one trial is still "running" (the first test made it so): no result to plot yet ...
     notice = wait_for(browser, lambda d: css(d, "#scaling-plot .notice"), what="the scaling view")
     assert "No finished trials" in notice[0].text
     # ... until it finishes: its point appears without a reload.
     RunStore(run_dir).trial(trial_id).update_state(status="done")
     point = wait_for(browser, lambda d: css(d, "svg.scaling circle title"), timeout=LIVE_WAIT_S,
                      what="the finished trial's point")
-    assert "loss.kind=sigmoid, train.batch_size=32" in point[0].get_attribute("textContent")
+    title = point[0].get_attribute("textContent")
+    assert "loss.kind=sigmoid, train.batch_size=32" in title and "one seed, no interval" in title

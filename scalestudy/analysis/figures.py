@@ -2,7 +2,9 @@
 
 Every figure is saved as PNG (for the page) and SVG (for a paper), with labelled axes and units,
 a log2 batch-size axis where batch size is swept, and a legend naming each line and its seeds.
-A study that does not sweep batch size gets the same figures over its settings instead.
+A study that does not sweep batch size gets the same figures over its settings instead. Every
+band and error bar over seeds is a Student-t interval of the mean (`CI_METHOD`, said in each
+title); a setting with one seed has none.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import polars as pl  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from scalestudy.analysis.aggregate import LEVEL, Aggregates, Layout  # noqa: E402
+from scalestudy.analysis.aggregate import CI_METHOD, Aggregates, Layout  # noqa: E402
 from scalestudy.analysis.fits import FitFailure, FitSummary  # noqa: E402
 from scalestudy.analysis.labels import BIAS_AXES, axis_name, group_labels, line_label  # noqa: E402
 
@@ -31,8 +33,9 @@ METRIC_LABELS = {
     "retrieval_i2t_r1": "image→text recall@1 (%)",
     "retrieval_t2i_r1": "text→image recall@1 (%)",
     "final_loss": "final training loss (nats, mean of last 10 steps)",
+    "linear_probe_top1": "linear-probe top-1 accuracy (%)",
 }
-PERCENT_METRICS = {"zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1"}
+PERCENT_METRICS = {"zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "linear_probe_top1"}
 # Small multiples: more columns than this stop being readable; the rest are left out (and said so).
 MAX_FACETS = 6
 MAX_LEGEND_LINES = 14
@@ -42,12 +45,18 @@ def save(fig: Figure, out: Path, name: str) -> list[Path]:
     """Write `name`.png and `name`.svg under `out`; return both paths."""
     fig.tight_layout()
     paths = [out / f"{name}.png", out / f"{name}.svg"]
-    fig.savefig(paths[0], dpi=110)
+    # A tight bounding box keeps titles and legends placed above the panels (y > 1) in the file.
+    fig.savefig(paths[0], dpi=110, bbox_inches="tight")
     # Text stays text in the SVG (editable and searchable in a paper), not glyph outlines.
     with plt.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(paths[1])
+        fig.savefig(paths[1], bbox_inches="tight")
     plt.close(fig)
     return paths
+
+
+def values(series: pl.Series, scale: float = 1.0) -> np.ndarray:
+    """A column as floats for matplotlib: null (no interval, no value) becomes NaN, not drawn."""
+    return series.cast(pl.Float64).fill_null(float("nan")).to_numpy() * scale
 
 
 def _legend(ax: Axes) -> None:
@@ -107,9 +116,9 @@ def _curve_panel(ax: Axes, agg: Aggregates, metric: str, fits: list[FitSummary |
         for label, group in _lines(curves, lay.hue):
             group = group.sort(lay.x)
             xs = group[lay.x].to_numpy()
-            line, = ax.plot(xs, group["mean"] * scale, marker="o",
+            line, = ax.plot(xs, values(group["mean"], scale), marker="o",
                             label=_legend_label(label, group, notes))
-            ax.fill_between(xs, group["ci_low"] * scale, group["ci_high"] * scale,
+            ax.fill_between(xs, values(group["ci_low"], scale), values(group["ci_high"], scale),
                             color=line.get_color(), alpha=0.2, linewidth=0)
             if label in fitted:
                 fit = fitted[label]
@@ -127,9 +136,12 @@ def _setting_points(ax: Axes, stats: pl.DataFrame, hue: list[str], scale: float,
     """No batch-size axis: one point per setting with its CI as an error bar."""
     lines = _lines(stats, hue)
     for i, (label, group) in enumerate(lines):
-        mean = float(group["mean"][0]) * scale
-        low, high = float(group["ci_low"][0]) * scale, float(group["ci_high"][0]) * scale
-        ax.errorbar([i], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=4)
+        mean = float(values(group["mean"], scale)[0])
+        low, high = values(group["ci_low"], scale)[0], values(group["ci_high"], scale)[0]
+        if np.isnan(low):  # one seed: the point alone
+            ax.plot([i], [mean], "o", color="C0")
+        else:
+            ax.errorbar([i], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=4, color="C0")
     _setting_ticks(ax, [_legend_label(label, group, notes) for label, group in lines])
     ax.set_xlabel(", ".join(axis_name(h) for h in hue) or "setting")
 
@@ -157,8 +169,9 @@ def plot_accuracy(agg: Aggregates, fits: list[FitSummary | FitFailure], out: Pat
     _chance(ax, agg.trials, "zeroshot_top1")
     seeds = "seeds" if agg.layout.seed else "trials"
     spread = "band" if agg.layout.x is not None else "bar"
-    ax.set_title(f"Zero-shot accuracy: mean over {seeds}, {spread} = {LEVEL:.0%} bootstrap CI"
-                 + (", dashed = power-law fit" if any(isinstance(f, FitSummary) for f in fits) else ""),
+    ax.set_title(f"Zero-shot accuracy: mean over {seeds}, {spread} = {CI_METHOD}"
+                 + (",\ndashed = power-law fit (its band: bootstrap)"
+                    if any(isinstance(f, FitSummary) for f in fits) else ""),
                  fontsize=10)
     _legend(ax)
     return save(fig, out, "accuracy_vs_batch")
@@ -168,14 +181,14 @@ def plot_retrieval(agg: Aggregates, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
     for ax, metric in zip(axes[0], ("retrieval_i2t_r1", "retrieval_t2i_r1")):
         _curve_panel(ax, agg, metric, [])
-        ax.set_title(METRIC_LABELS[metric].replace(" (%)", "") + f" ({LEVEL:.0%} CI band)",
-                     fontsize=10)
+        ax.set_title(METRIC_LABELS[metric].replace(" (%)", "") + f" ({CI_METHOD})", fontsize=10)
         _legend(ax)
     return save(fig, out, "retrieval_vs_batch")
 
 
 INSTABILITY = (
     ("spike_rate_per_1k", "grad-norm spikes per 1,000 steps (mean over seeds)"),
+    ("loss_spike_rate_per_1k", "loss spikes per 1,000 steps (mean over seeds)"),
     ("max_spike_ratio", "largest spike: grad norm / running median (max over seeds)"),
     ("fraction_diverged", "fraction of seeds diverged"),
 )
@@ -184,7 +197,7 @@ INSTABILITY = (
 def plot_instability(agg: Aggregates, out: Path) -> list[Path]:
     """Why large batches degrade: spike rate, worst spike and divergence per line (loss, β2, …)."""
     lay = agg.layout
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(INSTABILITY), figsize=(5.2 * len(INSTABILITY), 4.5), squeeze=False)
     for ax, (column, ylabel) in zip(axes[0], INSTABILITY):
         frame = agg.instability
         lines = _lines(frame, lay.hue)
@@ -235,7 +248,8 @@ def plot_init_heatmap(agg: Aggregates, out: Path) -> list[Path]:
             i = list(row_labels).index(tuple(r[a] for a in rows))
             j = list(col_labels).index(tuple(r[a] for a in cols))
             grid[i, j] = 100 * r["mean"]
-            text[i][j] = f"{100 * r['mean']:.1f}\n±{50 * (r['ci_high'] - r['ci_low']):.1f}"
+            text[i][j] = (f"{100 * r['mean']:.1f}\n±{50 * (r['ci_high'] - r['ci_low']):.1f}"
+                          if r["ci_low"] is not None else f"{100 * r['mean']:.1f}\n(n=1)")
         image = ax.imshow(grid, cmap="viridis", aspect="auto")
         for i, row in enumerate(text):
             for j, cell in enumerate(row):
@@ -246,14 +260,26 @@ def plot_init_heatmap(agg: Aggregates, out: Path) -> list[Path]:
         ax.set_ylabel("sigmoid bias init b₀" if rows else "")
         ax.set_title(title if rest else "", fontsize=10)
         fig.colorbar(image, ax=ax, label="zero-shot top-1 (%)")
-    fig.suptitle(f"Init sensitivity: final zero-shot top-1, mean ± half {LEVEL:.0%} CI width",
+    fig.suptitle(f"Init sensitivity: final zero-shot top-1, mean ± half the {CI_METHOD}",
                  fontsize=11)
     return save(fig, out, "init_sensitivity")
 
 
 def _trial_groups(agg: Aggregates, steps: pl.DataFrame) -> pl.DataFrame:
     keys = [k for k in agg.layout.by + ([agg.layout.seed] if agg.layout.seed else [])]
-    return steps.join(agg.trials.select(["trial_id", "status"] + keys), on="trial_id")
+    return steps.join(agg.trials.select(["trial_id", "status", "no_learning_loss"] + keys),
+                      on="trial_id")
+
+
+# Both kinds of spike, marked alike in every figure: grad-norm spikes ×, loss spikes ▲.
+GRAD_SPIKE = {"marker": "x", "color": "red", "s": 18, "zorder": 3}
+LOSS_SPIKE = {"marker": "^", "color": "black", "s": 22, "zorder": 3}
+
+
+def _no_learning(ax: Axes, level: float | None, colour: Any) -> None:
+    """The loss of a model that learned nothing (train.summary.no_learning_loss), dashed."""
+    if level is not None and np.isfinite(level):
+        ax.axhline(level, color=colour, linestyle="--", linewidth=0.8, alpha=0.7)
 
 
 def plot_early_loss(agg: Aggregates, out: Path) -> list[Path]:
@@ -280,7 +306,7 @@ def plot_early_loss(agg: Aggregates, out: Path) -> list[Path]:
 
 
 TRACE_ROWS = (
-    ("loss", "training loss (nats)", False),
+    ("loss", "training loss (nats; ▲ loss spike,\n-- no-learning level)", False),
     ("grad_norm_max", "grad norm (pre-clip, max per bin; × = spike)", True),
     ("temperature", "logit scale t", True),
     ("bias", "sigmoid bias b", False),
@@ -311,19 +337,24 @@ def plot_traces(agg: Aggregates, out: Path) -> list[Path]:
             for label, trial in trials:
                 ax.plot(trial["examples_seen"], trial[column], color=colours[label], linewidth=0.8,
                         alpha=0.8, label=label)
+                if column == "loss":
+                    _no_learning(ax, trial["no_learning_loss"][0], colours[label])
             if column == "grad_norm_max":
                 spikes = panel.filter(pl.col("spikes") > 0)
-                ax.scatter(spikes["examples_seen"], spikes["grad_norm_max"], marker="x",
-                           color="red", s=18, zorder=3)
+                ax.scatter(spikes["examples_seen"], spikes["grad_norm_max"], **GRAD_SPIKE)
+            if column == "loss":
+                spikes = panel.filter(pl.col("loss_spikes") > 0)
+                ax.scatter(spikes["examples_seen"], spikes["loss_max"], **LOSS_SPIKE)
             if log:
                 ax.set_yscale("log")
             if j == 0:
                 ax.set_ylabel(ylabel, fontsize=8)
         axes[0][j].set_title(title if facet else "all trials", fontsize=9)
         axes[-1][j].set_xlabel(EXAMPLES_LABEL, fontsize=8)
-    handles = {line.get_label(): line for line in axes[0][0].get_lines()}
-    for ax in axes[0][1:]:
-        handles.update({line.get_label(): line for line in ax.get_lines()})
+    handles = {}
+    for ax in axes[0]:  # lines whose label starts with "_" (reference lines) have no legend entry
+        handles.update({line.get_label(): line for line in ax.get_lines()
+                        if not line.get_label().startswith("_")})
     fig.legend(list(handles.values())[:MAX_LEGEND_LINES], list(handles)[:MAX_LEGEND_LINES],
                loc="upper center", ncol=min(len(handles), 5), fontsize=8, bbox_to_anchor=(0.5, 1.0))
     note = f" ({left_out} of {left_out + MAX_FACETS} columns left out)" if left_out > 0 else ""
@@ -356,8 +387,7 @@ def plot_grad_norms(agg: Aggregates, out: Path) -> list[Path]:
                     label=line_label(trial.row(0, named=True), keys))
             lines += 1
         spikes = panel.filter(pl.col("spikes") > 0)
-        ax.scatter(spikes["examples_seen"], spikes["grad_norm_max"], marker="x", color="red",
-                   zorder=3, s=24)
+        ax.scatter(spikes["examples_seen"], spikes["grad_norm_max"], **GRAD_SPIKE)
         ax.set_yscale("log")
         ax.set_xlabel(EXAMPLES_LABEL)
         ax.set_ylabel("grad norm (pre-clip, max per bin)")
@@ -370,3 +400,185 @@ def plot_grad_norms(agg: Aggregates, out: Path) -> list[Path]:
 def has_init_grid(lay: Layout) -> bool:
     rows, cols = init_axes(lay)
     return bool(rows or cols)
+
+
+EVAL_X = {"examples_seen": (EXAMPLES_LABEL, "accuracy_vs_examples"),
+          "step": ("optimizer steps", "accuracy_vs_steps")}
+
+
+def eval_metric_label(metric: str) -> str:
+    if metric.startswith("zeroshot_top1_"):
+        return f"zero-shot top-1, {metric.removeprefix('zeroshot_top1_')} (%)"
+    return METRIC_LABELS.get(metric, metric)
+
+
+def plot_eval_curves(agg: Aggregates, out: Path, x: str = "examples_seen") -> list[Path]:
+    """Accuracy during training (evals.parquet): one panel per metric (zero-shot top-1, each
+    attribute's zero-shot top-1, linear probe), one line per setting, mean ± t-band over seeds,
+    against examples seen or optimizer steps."""
+    label, name = EVAL_X[x]
+    evals = agg.evals
+    metrics = list(dict.fromkeys(evals["metric"].to_list())) if evals.height else []
+    cols = min(3, max(1, len(metrics)))
+    rows = max(1, -(-len(metrics) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    by = agg.layout.by
+    colours = _colours(group_labels(evals, by)) if evals.height else {}
+    for ax, metric in zip(axes.flat, metrics):
+        panel = evals.filter(pl.col("metric") == metric)
+        for line_name, group in _lines(panel, by):
+            group = group.sort(x)
+            colour = colours[line_name]
+            ax.plot(group[x], values(group["mean"], 100), color=colour, linewidth=1.2,
+                    label=f"{line_name} (n={int(group['n'].max())})")
+            ax.fill_between(group[x].to_numpy(), values(group["ci_low"], 100),
+                            values(group["ci_high"], 100), color=colour, alpha=0.18, linewidth=0)
+        if metric == "zeroshot_top1":
+            _chance(ax, agg.trials, metric)
+        ax.set_title(eval_metric_label(metric).replace(" (%)", ""), fontsize=10)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_axis_off()
+    if not metrics:
+        axes[0][0].text(0.5, 0.5, "no evaluations recorded", ha="center", va="center",
+                        transform=axes[0][0].transAxes)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles[:MAX_LEGEND_LINES], labels[:MAX_LEGEND_LINES], loc="upper center",
+                   ncol=min(len(handles), 4), fontsize=8, bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(f"Accuracy during training: mean over seeds, band = {CI_METHOD}", fontsize=11,
+                 y=1.0 + 0.02 * min(len(handles), MAX_LEGEND_LINES) / 4 + 0.04)
+    return save(fig, out, name)
+
+
+SETTING_ROWS = (("loss", "training loss (nats)"), ("temperature", "logit scale t"),
+                ("bias", "sigmoid bias b"))
+
+
+def plot_setting_traces(agg: Aggregates, out: Path) -> list[Path]:
+    """Loss, temperature and bias over training per setting (mean ± t-band over seeds), with each
+    setting's no-learning loss dashed in the loss panel: a loss that stays on it learned nothing."""
+    traces = agg.setting_traces
+    by = agg.layout.by
+    rows = [r for r in SETTING_ROWS if r[0] in traces.columns and traces[r[0]].drop_nulls().len()]
+    colours = _colours(group_labels(traces, by))
+    levels = {label: group["no_learning_loss"].drop_nulls().mean()
+              for label, group in _lines(agg.extras, by)} if agg.extras.height else {}
+    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 2.8 * len(rows)), squeeze=False, sharex=True)
+    for ax, (column, ylabel) in zip(axes[:, 0], rows):
+        for label, group in _lines(traces, by):
+            group = group.sort("bin")
+            if not group[column].drop_nulls().len():
+                continue
+            ax.plot(group["examples_seen"], values(group[column]), color=colours[label],
+                    linewidth=1.1, label=f"{label} (n={int(group[f'{column}_n'].max())})")
+            ax.fill_between(group["examples_seen"].to_numpy(), values(group[f"{column}_ci_low"]),
+                            values(group[f"{column}_ci_high"]), color=colours[label], alpha=0.18,
+                            linewidth=0)
+            if column == "loss":
+                _no_learning(ax, levels.get(label), colours[label])
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[-1][0].set_xlabel(EXAMPLES_LABEL)
+    handles = axes[0][0].get_legend_handles_labels()[0]
+    if 0 < len(handles) <= MAX_LEGEND_LINES:
+        axes[0][0].legend(fontsize=7, ncol=2)
+    axes[0][0].set_title(f"Per setting: mean over seeds, band = {CI_METHOD}; dashed = the "
+                         "setting's no-learning loss", fontsize=9)
+    return save(fig, out, "training_curves")
+
+
+def plot_spike_rms(agg: Aggregates, out: Path) -> list[Path]:
+    """The update RMS around loss spikes (Wortsman et al. 2023 §3.4): the event-triggered average
+    of rms_max and rms_patch_embed at steps −20…+20 from each loss-spike onset, mean ± t-band over
+    onsets, with the predictor's lookback shaded and the RMS before an average step dotted."""
+    spikes = agg.spikes
+    assert spikes is not None, "plot_spike_rms needs a study with loss spikes (agg.spikes)"
+    eta = spikes.eta
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    ax.axvspan(-spikes.lookback - 0.5, -0.5, color="grey", alpha=0.12,
+               label=f"predictor's lookback ({spikes.lookback} steps)")
+    for column, colour in (("rms_max", "C0"), ("rms_patch_embed", "C1")):
+        if column not in eta.columns or not eta[column].drop_nulls().len():
+            continue
+        ax.plot(eta["offset"], values(eta[column]), color=colour, marker=".",
+                label=f"{column} (n ≤ {int(eta[f'{column}_n'].max())} onsets)")
+        ax.fill_between(eta["offset"].to_numpy(), values(eta[f"{column}_ci_low"]),
+                        values(eta[f"{column}_ci_high"]), color=colour, alpha=0.2, linewidth=0)
+    ax.axvline(0, color="black", linewidth=1, label="loss-spike onset")
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="Adam's steady RMS (1)")
+    ax.set_xlabel("steps from the loss-spike onset")
+    ax.set_ylabel("update RMS, sqrt(mean(g² / v̂))")
+    ax.set_title(f"Update RMS around {spikes.events} loss-spike onsets: mean, band = "
+                 f"{CI_METHOD.replace('over seeds', 'over onsets')}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, out, "spike_rms")
+
+
+def plot_spike_prediction(agg: Aggregates, out: Path) -> list[Path]:
+    """Recall and precision of "rms_max > r in the lookback" against r, observed and under
+    shuffled spike times (the chance level)."""
+    spikes = agg.spikes
+    assert spikes is not None, "plot_spike_prediction needs a study with loss spikes (agg.spikes)"
+    table = spikes.prediction
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+    for ax, (column, title) in zip(axes[0], (("recall", "recall: onsets the predictor fired on"),
+                                             ("precision", "precision: alarms with an onset"))):
+        ax.plot(table["threshold"], values(table[column], 100), marker="o", label="observed")
+        ax.plot(table["threshold"], values(table[f"control_{column}"], 100), marker="s",
+                linestyle="--", color="grey",
+                label=f"spike times shuffled within trials (mean of {spikes.n_shuffles})")
+        ax.set_xscale("log")
+        ax.set_xticks(table["threshold"].to_list(), [f"{r:g}" for r in table["threshold"]])
+        ax.minorticks_off()
+        ax.set_xlabel("threshold r on rms_max")
+        ax.set_ylabel("%")
+        ax.set_ylim(-3, 103)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Does rms_max > r at any of the {spikes.lookback} steps before predict a loss "
+                 f"spike? ({spikes.events} onsets, {spikes.trials} trials)", fontsize=11)
+    return save(fig, out, "spike_prediction")
+
+
+LEVEL_TEXT = f"{CI_METHOD.split(' of the mean')[0]} (fractions: Wilson)"
+KNOB_PANELS = (("loss_spike_rate_per_1k", "loss spikes per 1,000 steps", 1.0),
+               ("diverged", "fraction diverged (Wilson CI)", 1.0),
+               ("zeroshot_top1", "final zero-shot top-1 (%)", 100.0))
+
+
+def plot_knob_effects(agg: Aggregates, out: Path) -> list[Path]:
+    """Each swept instability knob (rows) against loss-spike rate, divergence and final accuracy
+    (columns): one point per knob value, pooled over the other settings, with its interval."""
+    levels = agg.knobs.levels
+    knobs = list(dict.fromkeys(levels["knob"].to_list()))
+    fig, axes = plt.subplots(len(knobs), len(KNOB_PANELS), figsize=(13, 3.2 * len(knobs)),
+                             squeeze=False)
+    for i, knob in enumerate(knobs):
+        for j, (metric, ylabel, scale) in enumerate(KNOB_PANELS):
+            ax = axes[i][j]
+            part = levels.filter((pl.col("knob") == knob) & (pl.col("metric") == metric))
+            for k, row in enumerate(part.iter_rows(named=True)):
+                if row["mean"] is None:
+                    continue
+                mean = scale * row["mean"]
+                if row["ci_low"] is None:
+                    ax.plot([k], [mean], "o", color="C0")
+                else:
+                    ax.errorbar([k], [mean], yerr=[[mean - scale * row["ci_low"]],
+                                                   [scale * row["ci_high"] - mean]],
+                                fmt="o", capsize=4, color="C0")
+            ax.set_xticks(range(part.height),
+                          [f"{v}\n(n={n})" for v, n in zip(part["value"], part["n"])], fontsize=8)
+            ax.set_xlim(-0.5, part.height - 0.5)
+            ax.set_xlabel(axis_name(knob))
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"Instability knobs, each pooled over the other settings: mean with {LEVEL_TEXT}",
+                 fontsize=11)
+    return save(fig, out, "instability_knobs")
+

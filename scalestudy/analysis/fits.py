@@ -7,14 +7,19 @@ size where it *saturates* is where the gap left to the asymptote, |c|·B^(−α)
 (default 0.01: one percentage point of accuracy): B_sat = (|c| / tol)^(1/α).
 
 Fitting: for a fixed α the model is linear in (y_inf, c), so least squares has a closed form;
-α is found by a grid over (0, 4] refined by a finer grid around the best point, for all bootstrap
-replicates at once (numpy). Three parameters need at least four distinct batch sizes (one degree of freedom left to judge the fit); with fewer, where the
-fitted curve explains little of the variation between batch-size means, or where it is still a
-straight line in log B (α near 0: no saturation visible), the fit says so in words
-(`FitFailure.reason`) instead of drawing a curve that means nothing.
+α is found by a grid over [0.01, 4] refined by a finer grid around the best point, for all
+bootstrap replicates at once (numpy). Three parameters need at least four distinct batch sizes
+(one degree of freedom left to judge the fit). The fit is refused, with the reason in words
+(`FitFailure.reason`) instead of a curve that means nothing, when there are fewer, when the fitted
+curve explains little of the variation between batch-size means, when the best exponent lies at
+an edge of the grid (the data do not determine α: a power law with α → 0 or α → ∞ is not a
+saturating curve the data show, so nothing about the curve's shape is claimed), and when α is so
+small that the saturation point is an extrapolation far beyond the tested batch sizes.
 
 Bands: the trials are resampled with replacement within each batch size (seeds are the
 replicates), refitted, and the percentile band of the curve and of y_inf and B_sat are reported.
+With 2–5 seeds per batch size these bootstrap bands are narrower than the truth (see `stats`):
+read them as a lower bound on the uncertainty.
 
     >>> b = np.array([8, 16, 32, 64, 128, 256, 512])
     >>> fit = fit_power_law(b, 0.6 - 0.9 * b ** -0.5)
@@ -37,9 +42,9 @@ ALPHA_GRID = np.geomspace(0.01, ALPHA_MAX, 200)
 # A fit whose curve explains less than this share of the variance between batch-size means is
 # not a saturating power law worth drawing (e.g. a curve that rises then falls).
 MIN_R2 = 0.5
-# Below this exponent the curve changes by under 3.5 % of its gap per doubling of B: over the tested
-# range it is a straight line in log B, and its "asymptote" and saturation point are extrapolations
-# by many orders of magnitude (a 6-doubling sweep at a small budget gave B_sat ≈ 10^300).
+# Below this exponent the curve closes under 3.5 % of its gap per doubling of B, so its asymptote
+# and saturation point are extrapolations by many orders of magnitude (a 6-doubling sweep at a small
+# budget gave B_sat ≈ 10^300): no asymptote is reported.
 MIN_ALPHA = 0.05
 
 
@@ -52,6 +57,13 @@ class PowerLaw:
 
     def __call__(self, batch: np.ndarray | float) -> np.ndarray:
         return self.y_inf - self.c * np.asarray(batch, dtype=float) ** -self.alpha
+
+    @property
+    def at_grid_edge(self) -> bool:
+        """The best exponent is an end of the fit grid: the data pull α beyond what the grid
+        allows, so they do not determine it (the least squares would go on improving past it)."""
+        # The refined grid's end points are computed as lo + (hi − lo)·s: allow for rounding.
+        return self.alpha <= ALPHA_GRID[0] * (1 + 1e-9) or self.alpha >= ALPHA_GRID[-1] * (1 - 1e-9)
 
     def saturation_batch(self, tol: float) -> float:
         """The batch size past which the curve is within `tol` of its asymptote."""
@@ -157,13 +169,13 @@ class FitSummary:
         point = f"{self.saturation:,.0f}" if self.saturation <= limit else f"> {limit:,.0f}"
         where = (
             f"saturates (within {self.tol * unit_scale:g}{unit} of it) at B ≈ {point} "
-            f"({self.level:.0%} CI {lo:,.0f} to {upper})"
+            f"({self.level:.0%} bootstrap CI {lo:,.0f} to {upper})"
         )
         if not self.saturates_in_range:
             where += f", beyond the largest batch size tested ({self.batch_range[1]:,.0f})"
         return (
             f"{self.label}: {direction} towards {self.fit.y_inf * unit_scale:.1f}{unit} "
-            f"({self.level:.0%} CI {self.y_inf_ci[0] * unit_scale:.1f}–"
+            f"({self.level:.0%} bootstrap CI {self.y_inf_ci[0] * unit_scale:.1f}–"
             f"{self.y_inf_ci[1] * unit_scale:.1f}) with exponent α = {self.fit.alpha:.2f}; "
             f"{where}; R² of the batch-size means {self.fit.r2:.2f}"
         )
@@ -189,15 +201,24 @@ def fit_with_bands(label: str, batch: np.ndarray, y: np.ndarray, tol: float = 0.
         return FitFailure(
             label,
             f"the best saturating power law explains only R² = {fit.r2:.2f} of the variation "
-            f"between batch-size means (below {MIN_R2}); the curve is not monotone in batch size "
-            "or is within seed noise — look at the points, not a fit",
+            f"between batch-size means (below {MIN_R2}), so it does not describe these points — "
+            "look at the points, not a fit",
         )
-    if fit.alpha < MIN_ALPHA:
+    if fit.at_grid_edge:
         return FitFailure(
             label,
-            f"the batch-size means change about linearly in log B over the tested range (best "
-            f"exponent α = {fit.alpha:.2f} < {MIN_ALPHA}): no saturation shows yet, so an asymptote "
-            "would be pure extrapolation — widen the batch range or raise train.examples_seen",
+            f"the best exponent is at the edge of the fit grid (α = {fit.alpha:.2g}, grid "
+            f"{ALPHA_GRID[0]:g}–{ALPHA_GRID[-1]:g}), so the data do not determine one: no "
+            "saturating power law describes these points — look at the points, not a fit",
+        )
+    largest = float(np.max(_by_size(batch, y)[0]))
+    if fit.alpha < MIN_ALPHA and fit.saturation_batch(tol) > 100 * largest:
+        return FitFailure(
+            label,
+            f"the fitted exponent α = {fit.alpha:.2f} (below {MIN_ALPHA}) puts the curve within "
+            f"{tol * 100:g} pp of its asymptote only beyond B = {100 * largest:,.0f} (100× the "
+            "largest batch size tested), so any asymptote would be extrapolation and none is "
+            "reported — widen the batch range or raise train.examples_seen",
         )
     # Resample each batch size's trials (its seeds) with replacement: one row of means per replicate.
     rng = np.random.default_rng(seed)

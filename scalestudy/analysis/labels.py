@@ -14,6 +14,8 @@ import polars as pl
 
 BIAS_AXES = ("loss.bias_init", "loss.use_bias")
 SHORT = {
+    "loss.kind": "loss",
+    "optim.kind": "optimizer",
     "optim.beta2": "β2",
     "optim.lr": "lr",
     "loss.temperature_init": "t₀",

@@ -1,16 +1,28 @@
 """`scalestudy report RUN_DIR`: figures, tables, fits and findings, from the store alone.
 
-Writes RUN_DIR/report/:
+Writes RUN_DIR/report/ (every interval over seeds a Student-t interval of the mean, `stats`):
 - accuracy_vs_batch.png|svg  zero-shot top-1 against batch size (log2), one line per setting, mean
-                             and bootstrap CI band over seeds, saturating power-law fits dashed
-                             (a study without a batch-size sweep: one point per setting instead)
+                             and t-band over seeds, saturating power-law fits dashed (a study
+                             without a batch-size sweep: one point per setting instead)
+- accuracy_vs_examples.png|svg, accuracy_vs_steps.png|svg
+                             accuracy during training (evals.parquet): zero-shot top-1, per
+                             attribute, linear probe, per setting with t-bands (when evaluated)
 - retrieval_vs_batch.png|svg image→text and text→image recall@1, the same way
-- instability.png|svg        spike rate, worst spike ratio and fraction diverged per setting
+- training_curves.png|svg    loss (with each setting's no-learning loss dashed), temperature and
+                             bias over training per setting, t-bands over seeds
+- instability.png|svg        grad-norm and loss spike rates, worst ratios, fraction diverged
+- instability_knobs.png|svg  each swept knob (β2, optimizer, LR, loss) against loss-spike rate,
+                             divergence and accuracy (when one is swept)
+- spike_rms.png|svg          update RMS around loss-spike onsets, and
+  spike_prediction.png|svg   how well it predicts them against shuffled spike times (when a trial
+                             has loss spikes and the update RMS)
 - init_sensitivity.png|svg   final accuracy over the bias × temperature init grid (studies that
   early_loss.png|svg         sweep an init) and the early training loss per init
-- traces.png|svg             per-trial loss, grad norm (spikes ×), temperature, bias, update RMS
+- traces.png|svg             per-trial loss (▲ loss spikes, no-learning level dashed), grad norm
+                             (× spikes), temperature, bias, update RMS
 - grad_norm.png|svg          every trial's grad norm with spikes, one panel per loss
-- results.csv                the trial table;  groups.csv  per-setting counts, means and CIs
+- results.csv                the trial table;  groups.csv  per-setting counts, means and CIs,
+                             stalled trials and duplicate-caption rate
 - index.html, index.md       all of it with a generated summary (plain HTML, works offline)
 """
 
@@ -23,16 +35,18 @@ from pathlib import Path
 import polars as pl
 
 from scalestudy.analysis import figures
-from scalestudy.analysis.aggregate import LEVEL, Aggregates, aggregate, curve_trials
+from scalestudy.analysis.aggregate import CI_METHOD, Aggregates, aggregate, curve_trials
 from scalestudy.analysis.fits import FitFailure, FitSummary, fit_groups
 from scalestudy.analysis.labels import group_labels
-from scalestudy.analysis.summary import findings
+from scalestudy.analysis.summary import STALL_TEXT, findings
 from scalestudy.errors import UsageError
 from scalestudy.store import RunStore, atomic_write_text, write_results
 
-TABLE_COLUMNS = ["trial_id", "status", "final_loss", "zeroshot_top1", "best_zeroshot_top1",
-                 "retrieval_i2t_r1", "retrieval_t2i_r1", "spike_count", "max_spike_ratio",
-                 "spike_rate_per_1k", "wall_s", "samples_per_s", "error"]
+TABLE_COLUMNS = ["trial_id", "status", "final_loss", "no_learning_loss", "stalled",
+                 "zeroshot_top1", "best_zeroshot_top1", "linear_probe_top1", "retrieval_i2t_r1",
+                 "retrieval_t2i_r1", "spike_count", "max_spike_ratio", "spike_rate_per_1k",
+                 "loss_spike_count", "loss_spike_rate_per_1k", "dup_caption_rate", "wall_s",
+                 "samples_per_s", "error"]
 
 
 def accuracy_fits(agg: Aggregates) -> list[FitSummary | FitFailure]:
@@ -45,15 +59,29 @@ def accuracy_fits(agg: Aggregates) -> list[FitSummary | FitFailure]:
 
 
 def group_table(agg: Aggregates) -> pl.DataFrame:
-    """Per setting: trial counts by outcome, then mean and CI of each curve metric."""
+    """Per setting: trial counts by outcome and how many stalled, then mean and t-interval of each
+    curve metric, the spike rates and the mean duplicate-caption rate."""
     by = agg.layout.by
-    table = agg.counts
+    table = agg.counts.join(agg.extras.select(by + ["stalled"]), on=by, how="left", nulls_equal=True)
     for metric, stats in agg.curves.items():
+        if not stats.height:
+            continue
         table = table.join(
             stats.select(by + [pl.col("mean").alias(metric), pl.col("ci_low").alias(f"{metric}_ci_low"),
                                pl.col("ci_high").alias(f"{metric}_ci_high")]),
             on=by, how="left", nulls_equal=True)
-    return table
+    rates = agg.instability.select(by + ["spike_rate_per_1k", "loss_spike_rate_per_1k"])
+    return (table.join(rates, on=by, how="left", nulls_equal=True)
+            .join(agg.extras.select(by + ["dup_caption_rate"]), on=by, how="left", nulls_equal=True))
+
+
+def stalled_table(agg: Aggregates) -> pl.DataFrame:
+    """Per setting with a result: trials, how many stalled, the no-learning loss and the mean
+    final loss (a stalled trial ends at that level: train.summary.STALL_TOLERANCE)."""
+    by = agg.layout.by
+    ran = agg.counts.select(by + [(pl.col("done") + pl.col("diverged")).alias("with_result")])
+    return ran.join(agg.extras.select(by + ["stalled", "no_learning_loss", "final_loss_mean"]),
+                    on=by, how="left", nulls_equal=True)
 
 
 def _fmt(value: object) -> str:
@@ -79,8 +107,14 @@ def _md_table(frame: pl.DataFrame) -> list[str]:
 
 FIGURE_TITLES = {
     "accuracy_vs_batch": "Zero-shot accuracy",
+    "accuracy_vs_examples": "Accuracy during training, against examples seen",
+    "accuracy_vs_steps": "Accuracy during training, against steps",
     "retrieval_vs_batch": "Retrieval",
+    "training_curves": "Loss, temperature and bias per setting",
     "instability": "Instability",
+    "instability_knobs": "Instability knobs",
+    "spike_rms": "Update RMS around loss spikes",
+    "spike_prediction": "Does the update RMS predict loss spikes?",
     "init_sensitivity": "Bias / temperature init sensitivity",
     "early_loss": "Early training loss",
     "traces": "Per-trial traces",
@@ -88,12 +122,33 @@ FIGURE_TITLES = {
 }
 
 
+STALLED_NOTE = (f"A trial stalled when its final loss is {STALL_TEXT}: the loss of one shared "
+                "logit for every pair, what a model that learned nothing about which caption goes "
+                "with which image reaches.")
+
+
 def draw_figures(agg: Aggregates, fits: list[FitSummary | FitFailure], out: Path) -> list[str]:
     """Every figure that applies to this study; returns their names (files are NAME.png|svg)."""
     figures.plot_accuracy(agg, fits, out)
+    names = ["accuracy_vs_batch"]
+    if agg.evals.height:
+        figures.plot_eval_curves(agg, out, "examples_seen")
+        figures.plot_eval_curves(agg, out, "step")
+        names += ["accuracy_vs_examples", "accuracy_vs_steps"]
     figures.plot_retrieval(agg, out)
+    names.append("retrieval_vs_batch")
+    if agg.setting_traces.height:
+        figures.plot_setting_traces(agg, out)
+        names.append("training_curves")
     figures.plot_instability(agg, out)
-    names = ["accuracy_vs_batch", "retrieval_vs_batch", "instability"]
+    names.append("instability")
+    if agg.knobs.levels.height:
+        figures.plot_knob_effects(agg, out)
+        names.append("instability_knobs")
+    if agg.spikes is not None:
+        figures.plot_spike_rms(agg, out)
+        figures.plot_spike_prediction(agg, out)
+        names += ["spike_rms", "spike_prediction"]
     if figures.has_init_grid(agg.layout):
         figures.plot_init_heatmap(agg, out)
         names.append("init_sensitivity")
@@ -133,7 +188,9 @@ def write_report(store: RunStore, include_diverged: bool = True) -> Path:
         markdown += [f"- {first}"] + [f"  - {line.strip()}" for line in rest]
     for name in names:
         markdown += ["", f"## {FIGURE_TITLES[name]}", "", f"![{FIGURE_TITLES[name]}]({name}.png)"]
-    markdown += ["", f"## Settings ({LEVEL:.0%} bootstrap CIs over seeds)", ""] + _md_table(groups)
+    stalled = stalled_table(agg)
+    markdown += ["", f"## Settings ({CI_METHOD})", ""] + _md_table(groups)
+    markdown += ["", "## Stalled trials per setting", "", STALLED_NOTE, ""] + _md_table(stalled)
     markdown += ["", "## Trials", ""] + _md_table(table)
     atomic_write_text(out / "index.md", "\n".join(markdown) + "\n")
 
@@ -154,8 +211,9 @@ def write_report(store: RunStore, include_diverged: bool = True) -> Path:
         "img{max-width:100%}li{margin:.4em 0}</style>"
         f"<h1>{html.escape(title)}</h1><p>{html.escape(description)}</p>"
         f"<h2>Summary</h2><ul>{summary_html}</ul>{figures_html}"
-        f"<h2>Settings ({LEVEL:.0%} bootstrap CIs over seeds)</h2>{_html_table(groups)}"
+        f"<h2>Settings ({html.escape(CI_METHOD)})</h2>{_html_table(groups)}"
         f"<p>Also as <a href='groups.csv'>groups.csv</a>.</p>"
+        f"<h2>Stalled trials per setting</h2><p>{html.escape(STALLED_NOTE)}</p>{_html_table(stalled)}"
         f"<h2>Trials</h2>{_html_table(table)}<p>Also as <a href='results.csv'>results.csv</a>.</p>"
     )
     atomic_write_text(out / "index.html", page)

@@ -9,8 +9,8 @@
 - `encode_columns`: those rows as raw little-endian float64 columns, which the browser views as
   Float64Arrays without parsing (20 traces × 10,000 steps is 10+ MB; as JSON it would take longer to
   print and parse than the whole render budget).
-- `Dashboard.scaling(...)`: the report's curves over seeds (`analysis.aggregate.seed_stats`), from
-  current results.
+- `Dashboard.scaling(...)`: the report's curves over seeds (`analysis.aggregate.seed_stats`: mean
+  and Student-t interval, none with one seed), from current results.
 """
 
 from __future__ import annotations
@@ -28,19 +28,29 @@ import polars as pl
 from scalestudy.analysis.aggregate import LEVEL, curve_trials, seed_stats
 from scalestudy.errors import ScalestudyError, StoreError
 from scalestudy.store import (
-    RESULTS, RunStore, Status, TrialStore, file_version, part_range, read_ordered, trial_row,
+    RESULTS,
+    RunStore,
+    Status,
+    TrialStore,
+    file_version,
+    part_range,
+    read_ordered,
+    trial_row,
 )
 
-# What the instability view plots; the run view asks for more by name.
-PLOT_COLUMNS = ("step", "grad_norm", "is_spike", "spike_ratio", "loss", "temperature", "bias",
-                "rms_max")
+# What the instability view plots (grad norm, loss and update RMS aligned, both kinds of spike
+# flagged); the run view asks for more by name.
+PLOT_COLUMNS = ("step", "grad_norm", "is_spike", "spike_ratio", "loss", "is_loss_spike",
+                "loss_spike_ratio", "temperature", "bias", "rms_max")
 # Overview columns besides the swept axes (whose names come from the study).
 OVERVIEW_COLUMNS = ("trial_id", "status", "step", "steps", "final_loss", "zeroshot_top1",
                     "best_zeroshot_top1", "zeroshot_chance", "spike_count", "max_spike_ratio",
-                    "first_spike_step", "in_study", "error")
+                    "first_spike_step", "loss_spike_count", "max_loss_spike_ratio",
+                    "first_loss_spike_step", "stalled", "in_study", "error")
 # Figures a scaling curve can plot on its y axis (per-trial result columns).
-SCALING_METRICS = ("zeroshot_top1", "best_zeroshot_top1", "final_loss", "retrieval_i2t_r1",
-                   "retrieval_t2i_r1", "spike_count", "max_spike_ratio", "spike_rate_per_1k",
+SCALING_METRICS = ("zeroshot_top1", "best_zeroshot_top1", "linear_probe_top1", "final_loss",
+                   "retrieval_i2t_r1", "retrieval_t2i_r1", "spike_count", "max_spike_ratio",
+                   "spike_rate_per_1k", "loss_spike_count", "loss_spike_rate_per_1k",
                    "samples_per_s")
 MAGIC = b"SSM1"  # the binary metrics format, version 1 (decoded by static/app.js)
 
@@ -109,30 +119,50 @@ def file_problem(ts: TrialStore) -> str | None:
 
 
 @dataclass
+class SpikeTally:
+    """The running figures of one kind of spike (flag column, ratio column)."""
+
+    count: int = 0
+    max_ratio: float | None = None
+    first_step: int | None = None
+
+    def add(self, rows: pl.DataFrame, flag: str, ratio: str) -> None:
+        spikes = rows.filter(pl.col(flag)) if flag in rows.columns else rows.clear()
+        ratios = rows[ratio].cast(pl.Float64).drop_nulls().drop_nans() if ratio in rows.columns else None
+        self.count += spikes.height
+        if ratios is not None and ratios.len():
+            self.max_ratio = max(self.max_ratio or 0.0, float(ratios.max()))
+        if spikes.height and self.first_step is None:
+            self.first_step = int(spikes["step"][0])
+
+
+@dataclass
 class LiveSpikes:
-    """Spike figures of a trial still writing metrics, updated from the parts added since last time."""
+    """Spike figures of a trial still writing metrics (grad-norm and loss spikes), updated from the
+    parts added since last time."""
 
     parts: set[str] = field(default_factory=set)
     last_step: int = 0
-    spike_count: int = 0
-    max_spike_ratio: float | None = None
-    first_spike_step: int | None = None
+    grad: SpikeTally = field(default_factory=SpikeTally)
+    loss: SpikeTally = field(default_factory=SpikeTally)
 
     def update(self, ts: TrialStore) -> LiveSpikes:
         names = {p.name for p in ts.metric_parts()}
         state = self if self.parts <= names else LiveSpikes()  # truncated or compacted: start over
         rows = metrics_after(ts, state.last_step)
         if rows.height:
-            spikes = rows.filter(pl.col("is_spike")) if "is_spike" in rows.columns else rows.clear()
-            ratios = rows["spike_ratio"].drop_nulls() if "spike_ratio" in rows.columns else None
-            state.spike_count += spikes.height
-            if ratios is not None and ratios.len():
-                state.max_spike_ratio = max(state.max_spike_ratio or 0.0, float(ratios.max()))
-            if spikes.height and state.first_spike_step is None:
-                state.first_spike_step = int(spikes["step"][0])
+            state.grad.add(rows, "is_spike", "spike_ratio")
+            state.loss.add(rows, "is_loss_spike", "loss_spike_ratio")
             state.last_step = int(rows["step"][-1])
         state.parts = names
         return state
+
+    def figures(self) -> dict[str, Any]:
+        """The overview's spike columns, as a finished trial's summary names them."""
+        return {"spike_count": self.grad.count, "max_spike_ratio": self.grad.max_ratio,
+                "first_spike_step": self.grad.first_step, "loss_spike_count": self.loss.count,
+                "max_loss_spike_ratio": self.loss.max_ratio,
+                "first_loss_spike_step": self.loss.first_step}
 
 
 @dataclass
@@ -251,8 +281,7 @@ class Dashboard:
             accuracy = self._accuracy(ts)
         except (ScalestudyError, OSError, pl.exceptions.PolarsError) as err:
             return str(err)
-        row.update(spike_count=live.spike_count, max_spike_ratio=live.max_spike_ratio,
-                   first_spike_step=live.first_spike_step, **accuracy)
+        row.update(**live.figures(), **accuracy)
         return None
 
     def _accuracy(self, ts: TrialStore) -> dict[str, float]:
@@ -302,7 +331,8 @@ class Dashboard:
 
     def scaling(self, x: str, y: str, by: str) -> dict[str, Any]:
         """The report's curves (analysis.aggregate): per value of `by`, the mean of `y` over seeds
-        against `x` with std and bootstrap CI, from the finished in-study trials as they are now."""
+        against `x` with std and Student-t CI (null with one seed), from the finished in-study
+        trials as they are now."""
         if y not in SCALING_METRICS:
             raise NotFound(f"cannot plot {y!r}: y is one of {', '.join(SCALING_METRICS)}")
         rows, _ = self.rows()
@@ -310,7 +340,7 @@ class Dashboard:
         if not frame.height or any(c not in frame.columns for c in (x, y, by)):
             return {"x": x, "y": y, "by": by, "curves": [], "chance": None}
         frame = frame.filter(pl.col("in_study")).with_columns(pl.col(y).cast(pl.Float64))
-        # The bootstrap takes a few hundred ms for 200 trials: redo it only when its inputs change.
+        # Recomputed only when its inputs change: a poll every 2 s must not redo the statistics.
         inputs = (x, y, by, tuple(frame.select(by, x, y).rows()))
         if self._curves is None or self._curves[0] != inputs:
             self._curves = (inputs, seed_stats(frame, [by, x], y))

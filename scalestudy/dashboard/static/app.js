@@ -5,16 +5,18 @@
 
 const POLL_MS = 2000;
 const FINAL = new Set(["done", "diverged"]); // trials whose steps can no longer change
-const PLOT_COLUMNS = ["step", "grad_norm", "is_spike", "spike_ratio", "loss", "temperature", "bias", "rms_max"];
+const PLOT_COLUMNS = ["step", "grad_norm", "is_spike", "spike_ratio", "loss", "is_loss_spike", "loss_spike_ratio",
+  "temperature", "bias", "rms_max"];
 const RUN_COLUMNS = [...PLOT_COLUMNS, "grad_norm_image", "grad_norm_text", "lr", "update_norm", "param_norm",
-  "logit_pos_mean", "logit_neg_mean"];
-const DEFAULT_TRACES = 20; // instability view without a selection: the trials with most spikes
+  "logit_pos_mean", "logit_neg_mean", "rms_patch_embed"];
+const DEFAULT_TRACES = 20; // instability view without a selection: the trials with most spikes (both kinds)
 // Tableau 10 then its lighter half: distinct hues for up to 20 traces.
 const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
   "#9c755f", "#bab0ac", "#1f4e79", "#a0522d", "#8b1a1a", "#2f6f6b", "#2e6b25", "#9a7d0a", "#6a3d6a",
   "#c2185b", "#5d4037", "#616161"];
-const SCALING_METRICS = ["zeroshot_top1", "best_zeroshot_top1", "final_loss", "retrieval_i2t_r1",
-  "retrieval_t2i_r1", "spike_count", "max_spike_ratio", "spike_rate_per_1k", "samples_per_s"];
+const SCALING_METRICS = ["zeroshot_top1", "best_zeroshot_top1", "linear_probe_top1", "final_loss", "retrieval_i2t_r1",
+  "retrieval_t2i_r1", "spike_count", "max_spike_ratio", "spike_rate_per_1k", "loss_spike_count",
+  "loss_spike_rate_per_1k", "samples_per_s"];
 
 const app = { view: null, polling: false, timings: {}, overview: null };
 // For tests and the benchmark: render timings (ms) per view, and what the grad-norm plots drew.
@@ -85,6 +87,9 @@ function compare(a, b) {
   return typeof a === "number" && typeof b === "number" ? a - b : String(a).localeCompare(String(b));
 }
 
+// Both kinds of spike of an overview row, for ranking the spikiest trials.
+const spikeTotal = (row) => (row.spike_count || 0) + (row.loss_spike_count || 0);
+
 function axisLabel(row, axes) {
   return axes.map((a) => `${a.split(".").pop()}=${fmt(row[a])}`).join(" ");
 }
@@ -146,8 +151,10 @@ class OverviewView {
     return [
       { key: "trial_id", label: "trial" }, { key: "status", label: "state" }, ...axes,
       { key: "step", label: "progress" }, { key: "zeroshot_top1", label: "zero-shot top-1" },
-      { key: "best_zeroshot_top1", label: "best top-1" }, { key: "spike_count", label: "spikes" },
+      { key: "best_zeroshot_top1", label: "best top-1" }, { key: "spike_count", label: "grad-norm spikes" },
       { key: "max_spike_ratio", label: "max spike ratio" }, { key: "first_spike_step", label: "first spike" },
+      { key: "loss_spike_count", label: "loss spikes" }, { key: "first_loss_spike_step", label: "first loss spike" },
+      { key: "stalled", label: "stalled" },
     ];
   }
 
@@ -193,6 +200,7 @@ class OverviewView {
       }
       case "zeroshot_top1": case "best_zeroshot_top1": return pct(v);
       case "max_spike_ratio": return v === null ? "–" : formatValue(v) + "×";
+      case "stalled": return v === null || v === undefined ? "–" : v ? `<span class="flag">stalled</span>` : "no";
       default: return escapeHtml(fmt(v));
     }
   }
@@ -228,9 +236,9 @@ class InstabilityView {
       <div class="controls">
         <label>Group by <select id="group-by"></select></label>
         <label>Layout <select id="layout"><option value="overlay">overlaid</option><option value="multiples">small multiples per group</option></select></label>
-        <span class="hint">wheel: zoom · drag: pan · double-click: whole run · hover: step and values · ○ spike</span>
+        <span class="hint">wheel: zoom · drag: pan · double-click: whole run · hover: step and values</span>
       </div>
-      <div id="legend"></div><div id="plots"></div>`;
+      ${markerLegend()}<div id="legend"></div><div id="plots"></div>`;
     this.main = main;
     this.init();
   }
@@ -245,7 +253,7 @@ class InstabilityView {
     this.rows = new Map(overview.trials.map((r) => [r.trial_id, r]));
     this.unknown = asked.filter((id) => !this.rows.has(id));
     this.traces = asked.length ? askedTraces.filter((t) => this.rows.has(t.id)) : overview.trials
-      .filter((r) => r.step).sort((a, b) => compare(b.spike_count, a.spike_count) || compare(b.max_spike_ratio, a.max_spike_ratio))
+      .filter((r) => r.step).sort((a, b) => compare(spikeTotal(b), spikeTotal(a)) || compare(b.max_spike_ratio, a.max_spike_ratio))
       .slice(0, DEFAULT_TRACES).map((r) => new Trace(r.trial_id));
     await Promise.all(asked.length ? loading : this.traces.map((t) => fetchMetrics(t, PLOT_COLUMNS)));
     const groupBy = this.main.querySelector("#group-by"), layout = this.main.querySelector("#layout");
@@ -286,14 +294,17 @@ class InstabilityView {
     const multiples = this.group && this.layout === "multiples";
     this.gradPlots = (multiples ? groups : [""]).map((g) => {
       const plot = new Plot(plots, axis, { title: "gradient norm (pre-clip)" + (multiples ? ` · ${this.group} = ${g}` : ""),
-        log: true, spikes: true, height: multiples ? 150 : 280, tooltip });
+        log: true, marks: ["grad"], height: multiples ? 150 : 280, tooltip });
       plot.setSeries(series(this.traces.filter((t) => !multiples || this.groupOf(t) === g), "grad_norm"));
       return plot;
     });
-    for (const [column, title, log] of [["loss", "loss", false], ["temperature", "temperature t (logit scale)", false],
-      ["bias", "bias b", false], ["rms_max", "update RMS: max over matrices of RMS(g² / v̂)", true]]) {
+    // Loss and the update RMS right under the grad norm, loss spikes marked on both: the RMS of
+    // Wortsman et al. 2023 (§3.4) rises a few steps before a loss spike.
+    for (const [column, title, log, marks] of [["loss", "loss", false, ["loss"]],
+      ["rms_max", "update RMS: max over matrices of RMS(g² / v̂)", true, ["loss"]],
+      ["temperature", "temperature t (logit scale)", false, []], ["bias", "bias b", false, []]]) {
       if (!this.traces.some((t) => t.has(column) && t.cols[column].subarray(0, t.n).some(Number.isFinite))) continue;
-      new Plot(plots, axis, { title, log, height: 120, tooltip }).setSeries(series(this.traces, column));
+      new Plot(plots, axis, { title, log, marks, height: column === "loss" ? 160 : 120, tooltip }).setSeries(series(this.traces, column));
     }
     this.renderLegend(groups);
   }
@@ -303,7 +314,8 @@ class InstabilityView {
       const row = this.rows.get(t.id);
       return `<div class="legend-item" data-trial="${escapeHtml(t.id)}"><span class="swatch" style="background:${this.colour.get(t.id)}"></span>` +
         `<a href="#/trial/${encodeURIComponent(t.id)}">${escapeHtml(t.id)}</a> <span class="axes">${escapeHtml(axisLabel(row, this.axes))}</span> ` +
-        `${statusChip(t.status || row.status)} step <b class="last-step">${t.lastStep}</b> · spikes <b class="spikes">${t.spikes.length}</b>` +
+        `${statusChip(t.status || row.status)} step <b class="last-step">${t.lastStep}</b> · grad-norm spikes <b class="spikes">${t.spikes.length}</b>` +
+        ` · loss spikes <b class="loss-spikes">${t.lossSpikes.length}</b>` +
         `${problemFlag(t.problem || row.problem)}</div>`;
     };
     const sections = groups.map((g) => (this.group ? `<div class="legend-group"><b>${escapeHtml(this.group)} = ${escapeHtml(g)}</b>` : "<div class=\"legend-group\">") +
@@ -330,7 +342,7 @@ class RunView {
     this.main = main;
     this.gradPlots = [];
     main.innerHTML = `<h2>Trial <code>${escapeHtml(id)}</code> <span id="trial-status"></span></h2>
-      <div id="trial-info"></div><div id="plots"></div><h3>Evaluations</h3><div id="evals"></div>`;
+      <div id="trial-info"></div>${markerLegend()}<div id="plots"></div><h3>Evaluations</h3><div id="evals"></div>`;
     this.trace = new Trace(id);
     this.init();
   }
@@ -342,17 +354,17 @@ class RunView {
     const panel = (title, log, columns, opts = {}) => {
       const present = columns.filter(([c]) => this.trace.has(c) && this.trace.cols[c].subarray(0, this.trace.n).some(Number.isFinite));
       if (!present.length) return null;
-      const plot = new Plot(plots, axis, { title, log, height: opts.height || 120, spikes: opts.spikes, tooltip });
+      const plot = new Plot(plots, axis, { title, log, height: opts.height || 120, marks: opts.marks || [], tooltip });
       plot.setSeries(present.map(([column, label], i) => ({ trace: this.trace, column, label, color: PALETTE[i] })));
       return plot;
     };
-    const grad = panel("gradient norm (pre-clip)", true, [["grad_norm", "global"], ["grad_norm_image", "image tower"], ["grad_norm_text", "text tower"]], { spikes: true, height: 240 });
+    const grad = panel("gradient norm (pre-clip)", true, [["grad_norm", "global"], ["grad_norm_image", "image tower"], ["grad_norm_text", "text tower"]], { marks: ["grad"], height: 240 });
     this.gradPlots = grad ? [grad] : [];
-    panel("loss", false, [["loss", "loss"]]);
+    panel("loss", false, [["loss", "loss"]], { marks: ["loss"] });
+    panel("update RMS: max over matrices of RMS(g² / v̂)", true, [["rms_max", "largest matrix"], ["rms_patch_embed", "patch embedding"]], { marks: ["loss"] });
     panel("learning rate", false, [["lr", "lr"]]);
     panel("temperature t (logit scale)", false, [["temperature", "t"]]);
     panel("bias b", false, [["bias", "b"]]);
-    panel("update RMS: max over matrices of RMS(g² / v̂)", true, [["rms_max", "update RMS"]]);
     panel("parameter and update norms", true, [["param_norm", "parameters"], ["update_norm", "update"]]);
     panel("mean logits", false, [["logit_pos_mean", "positive pairs"], ["logit_neg_mean", "negative pairs"]]);
     if (this.trace.problem) plots.innerHTML = `<div class="notice flag">${escapeHtml(this.trace.problem)}</div>`;
@@ -396,7 +408,7 @@ class ScalingView {
     this.main = main;
     this.params = params;
     main.innerHTML = `<div class="controls"><label>x <select id="sx"></select></label> <label>y <select id="sy"></select></label>
-      <label>one curve per <select id="sby"></select></label> <span class="hint">mean over seeds, band = bootstrap CI, finished trials (as the report)</span></div>
+      <label>one curve per <select id="sby"></select></label> <span class="hint">mean over seeds, band = 95 % Student-t CI of the mean (none with one seed), finished trials (as the report)</span></div>
       <div id="scaling-plot"></div>`;
     this.init();
   }
@@ -441,7 +453,9 @@ function scalingSvg(data, w, h) {
   const xs = pts.map((p) => p[0]), xmin = Math.min(...xs), xmax = Math.max(...xs);
   const log2 = xmin > 0 && xmax / xmin >= 4; // batch sizes: doubling steps, as the report's log2 axis
   const fx = log2 ? Math.log2 : (v) => v;
-  const lo = Math.min(...pts.map((p) => p[4]), data.chance ?? Infinity), hi = Math.max(...pts.map((p) => p[5]));
+  // A point with one seed has no interval (null): its band collapses onto the mean.
+  const low = (q) => q[4] ?? q[1], high = (q) => q[5] ?? q[1];
+  const lo = Math.min(...pts.map(low), data.chance ?? Infinity), hi = Math.max(...pts.map(high));
   const ypad = (hi - lo) * 0.08 || 1;
   const [y0, y1] = [lo - ypad, hi + ypad], [x0, x1] = [fx(xmin), fx(xmax) === fx(xmin) ? fx(xmin) + 1 : fx(xmax)];
   const tx = (v) => pad.l + ((fx(v) - x0) / (x1 - x0)) * (w - pad.l - pad.r);
@@ -454,9 +468,9 @@ function scalingSvg(data, w, h) {
   if (data.chance !== null && data.chance !== undefined) out += `<line class="chance" x1="${pad.l}" x2="${w - pad.r}" y1="${ty(data.chance)}" y2="${ty(data.chance)}"><title>chance ${formatValue(data.chance)}</title></line>`;
   data.curves.forEach((c, i) => {
     const col = PALETTE[i % PALETTE.length], p = c.points;
-    const band = [...p.map((q) => `${tx(q[0])},${ty(q[5])}`), ...p.slice().reverse().map((q) => `${tx(q[0])},${ty(q[4])}`)].join(" ");
+    const band = [...p.map((q) => `${tx(q[0])},${ty(high(q))}`), ...p.slice().reverse().map((q) => `${tx(q[0])},${ty(low(q))}`)].join(" ");
     out += `<polygon points="${band}" fill="${col}" opacity="0.18"/><polyline class="curve" points="${p.map((q) => `${tx(q[0])},${ty(q[1])}`).join(" ")}" stroke="${col}" fill="none" stroke-width="2"/>`;
-    out += p.map((q) => `<circle cx="${tx(q[0])}" cy="${ty(q[1])}" r="4" fill="${col}"><title>${escapeHtml(`${data.by}=${c.name}, ${data.x}=${q[0]}: mean ${formatValue(q[1])}, std ${formatValue(q[2])}, ${Math.round(100 * data.level)} % CI ${formatValue(q[4])}–${formatValue(q[5])} (${q[3]} seeds)`)}</title></circle>`).join("");
+    out += p.map((q) => `<circle cx="${tx(q[0])}" cy="${ty(q[1])}" r="4" fill="${col}"><title>${escapeHtml(`${data.by}=${c.name}, ${data.x}=${q[0]}: mean ${formatValue(q[1])}, std ${formatValue(q[2] ?? NaN)}, ${q[4] === null ? "one seed, no interval" : `${Math.round(100 * data.level)} % t-CI ${formatValue(q[4])}–${formatValue(q[5])}`} (${q[3]} seeds)`)}</title></circle>`).join("");
     out += `<rect x="${w - pad.r + 12}" y="${pad.t + i * 18}" width="10" height="10" fill="${col}"/><text x="${w - pad.r + 26}" y="${pad.t + 9 + i * 18}">${escapeHtml(`${data.by}=${c.name}`)}</text>`;
   });
   return out + `<rect class="frame" x="${pad.l}" y="${pad.t}" width="${w - pad.l - pad.r}" height="${h - pad.t - pad.b}"/></svg>`;

@@ -1,6 +1,6 @@
 "use strict";
-// Line plots on <canvas> that share one step axis, with spike markers and a crosshair in an SVG
-// layer above. Every point is drawn: no sampling or decimation, because a one-step gradient-norm
+// Line plots on <canvas> that share one step axis, with spike markers (grad-norm spikes as circles,
+// loss spikes as triangles) and a crosshair in an SVG layer above. Every point is drawn: no sampling or decimation, because a one-step gradient-norm
 // spike is exactly what a sampled plot hides. 20 traces × 10,000 steps is 200k segments, which a
 // canvas path draws in milliseconds.
 
@@ -13,7 +13,8 @@ class Trace {
     this.id = id;
     this.n = 0;
     this.cols = {};
-    this.spikes = []; // row indices where is_spike is 1
+    this.spikes = []; // row indices where is_spike is 1 (grad-norm spikes)
+    this.lossSpikes = []; // row indices where is_loss_spike is 1
     this.logs = {};
     this.status = null;
     this.problem = null;
@@ -53,17 +54,22 @@ class Trace {
       }
       arr.set(batch.data[name].subarray(skip), this.n);
     }
-    const spike = batch.data.is_spike;
-    if (spike) for (let i = skip; i < batch.rows; i++) if (spike[i] === 1) this.spikes.push(this.n + i - skip);
+    this.collectSpikes(batch, skip, this.n);
     this.n = need;
   }
   // The first batch (usually the whole history) is kept as the views the answer decoded to:
   // copying 20 histories would double the memory the first draw allocates and collects.
   adopt(batch, skip) {
     for (const name of batch.columns) this.cols[name] = batch.data[name].subarray(skip);
-    const spike = batch.data.is_spike;
-    if (spike) for (let i = skip; i < batch.rows; i++) if (spike[i] === 1) this.spikes.push(i - skip);
+    this.collectSpikes(batch, skip, 0);
     this.n = batch.rows - skip;
+  }
+  // Row indices (from `offset` on) of the batch's flagged steps of both kinds.
+  collectSpikes(batch, skip, offset) {
+    for (const [column, list] of [["is_spike", this.spikes], ["is_loss_spike", this.lossSpikes]]) {
+      const flags = batch.data[column];
+      if (flags) for (let i = skip; i < batch.rows; i++) if (flags[i] === 1) list.push(offset + i - skip);
+    }
   }
 }
 
@@ -152,10 +158,17 @@ class StepAxis {
   }
 }
 
-// One panel: a title, a y axis (linear or log), the traces' `column`, spike markers optional.
+// The two kinds of spike a panel can mark: which rows of a trace, the marker's shape and class.
+const SPIKE_KINDS = {
+  grad: { rows: (trace) => trace.spikes, className: "spike", shape: "circle" },
+  loss: { rows: (trace) => trace.lossSpikes, className: "loss-spike", shape: "triangle" },
+};
+
+// One panel: a title, a y axis (linear or log), the traces' `column`, and markers for the kinds of
+// spike in `marks` ("grad", "loss"), drawn at the panel's own values of the flagged steps.
 class Plot {
-  constructor(parent, axis, { title, log = false, height = 150, spikes = false, tooltip }) {
-    Object.assign(this, { axis, title, log, height, markSpikes: spikes, tooltip });
+  constructor(parent, axis, { title, log = false, height = 150, marks = [], tooltip }) {
+    Object.assign(this, { axis, title, log, height, marks, tooltip });
     this.series = [];
     this.drawnPoints = 0;
     this.el = document.createElement("div");
@@ -239,10 +252,10 @@ class Plot {
         points++;
       }
       ctx.stroke();
-      if (this.markSpikes) {
-        for (const i of s.trace.spikes) {
+      for (const kind of this.marks) {
+        for (const i of SPIKE_KINDS[kind].rows(s.trace)) {
           if (steps[i] < g.x0 || steps[i] > g.x1 || vs[i] - vs[i] !== 0) continue;
-          marks.push({ s, i, x: ax * steps[i] + bx, y: ay * vs[i] + by });
+          marks.push({ s, i, kind, x: ax * steps[i] + bx, y: ay * vs[i] + by });
         }
       }
     }
@@ -278,12 +291,18 @@ class Plot {
     ctx.fillText(this.title + (this.log ? " (log)" : ""), PAD.l, 3);
   }
 
-  // Spikes are SVG circles: elements a test or a script can find by trial and step; the hover
-  // tooltip (on the plot, at the nearest step) says which point is a spike and by how much.
+  // Spikes are SVG elements a test or a script can find by kind, trial and step: grad-norm spikes
+  // hollow circles in the trace's colour, loss spikes filled dark triangles (distinct in shape
+  // and colour, so they read apart in print too); the hover tooltip (at the nearest step) says
+  // which kind of spike a point is and by how much.
   drawMarks(marks) {
-    const parts = marks.map(({ s, i, x, y }) =>
-      `<circle class="spike" cx="${x.toFixed(1)}" cy="${y.toFixed(1)}" r="4" stroke="${s.color}" ` +
-      `data-trial="${escapeHtml(s.trace.id)}" data-step="${s.trace.cols.step[i]}"></circle>`);
+    const parts = marks.map(({ s, i, kind, x, y }) => {
+      const data = `data-trial="${escapeHtml(s.trace.id)}" data-step="${s.trace.cols.step[i]}"`;
+      const [cx, cy] = [x.toFixed(1), y.toFixed(1)];
+      return kind === "loss"
+        ? `<path class="loss-spike" d="${markerPath("triangle", x, y)}" ${data}></path>`
+        : `<circle class="spike" cx="${cx}" cy="${cy}" r="4" stroke="${s.color}" ${data}></circle>`;
+    });
     this.svg.innerHTML = parts.join("") + `<line class="cross" y1="${PAD.t}" y2="${this.height - PAD.b}" visibility="hidden"></line>`;
   }
 
@@ -301,11 +320,14 @@ class Plot {
       const ys = s.trace.cols[s.column];
       if (!ys || !s.trace.n) continue;
       const i = nearestIndex(s.trace.cols.step, s.trace.n, step);
-      const ratio = s.trace.cols.spike_ratio ? s.trace.cols.spike_ratio[i] : NaN;
-      const spike = s.trace.cols.is_spike && s.trace.cols.is_spike[i] === 1
-        ? ` ○ spike${Number.isFinite(ratio) ? `, ${formatValue(ratio)}× the running median` : ""}` : "";
+      const flag = (column, ratioColumn, text) => {
+        if (!s.trace.cols[column] || s.trace.cols[column][i] !== 1) return "";
+        const ratio = s.trace.cols[ratioColumn] ? s.trace.cols[ratioColumn][i] : NaN;
+        return ` ${text}${Number.isFinite(ratio) ? `, ${formatValue(ratio)}× the running median` : ""}`;
+      };
       rows.push(`<span style="color:${s.color}">■</span> ${escapeHtml(s.label)}: ` +
-        `step ${s.trace.cols.step[i]}, <b>${formatValue(ys[i])}</b>${spike}`);
+        `step ${s.trace.cols.step[i]}, <b>${formatValue(ys[i])}</b>` +
+        flag("is_spike", "spike_ratio", "○ grad-norm spike") + flag("is_loss_spike", "loss_spike_ratio", "▲ loss spike"));
     }
     this.tooltip.show(`<b>${escapeHtml(this.title)}</b> · step ${Math.round(step)}<br>` + rows.join("<br>"));
   }
@@ -333,6 +355,22 @@ class Plot {
     this.el.addEventListener("mouseleave", () => this.axis.setHover(null, this));
     this.el.addEventListener("dblclick", () => this.axis.reset());
   }
+}
+
+// An SVG path of a marker centred on (x, y): an upward triangle of about 9 px.
+function markerPath(shape, x, y) {
+  if (shape !== "triangle") throw new Error(`no marker shape ${shape}`);
+  return `M${x.toFixed(1)},${(y - 5).toFixed(1)} L${(x + 4.5).toFixed(1)},${(y + 3.5).toFixed(1)} ` +
+    `L${(x - 4.5).toFixed(1)},${(y + 3.5).toFixed(1)} Z`;
+}
+
+// The legend of the spike markers, for the views that draw them.
+function markerLegend() {
+  return `<div class="marker-legend" id="marker-legend">` +
+    `<span class="marker-item" data-kind="grad"><svg width="12" height="12"><circle class="spike" cx="6" cy="6" r="4" stroke="#555"></circle></svg> ` +
+    `grad-norm spike: grad norm above monitor.spike_threshold × its running median</span>` +
+    `<span class="marker-item" data-kind="loss"><svg width="12" height="12"><path class="loss-spike" d="${markerPath("triangle", 6, 7)}"></path></svg> ` +
+    `loss spike: loss above monitor.loss_spike_threshold × its running median</span></div>`;
 }
 
 function escapeHtml(text) {

@@ -70,6 +70,13 @@ CLASSES = tuple(f"{colour} {shape}" for colour, shape in product(COLOURS, SHAPES
 MAX_HOLDOUT_PAIRS = 32
 
 
+def scene(caption_text: str) -> str:
+    """A shapes caption without its digits: the object it describes. Two rows with the same
+    scene differ only in digits, which a model that has not learned to read them cannot tell
+    apart (the proxy limit of the caption space)."""
+    return caption_text.split(", digits ", 1)[0]
+
+
 def caption(size: str, fill: str, colour: str, shape: str, position: str,
             digit1: str, digit2: str, digit3: str) -> str:
     """'a large hollow red circle, top left, digits 3 7 4': at most 12 words, within the default

@@ -265,16 +265,24 @@ class Layout:
         return self.hue + ([self.x] if self.x else [])
 
 
+def _follows(trials: pl.DataFrame, key: str, x: str) -> bool:
+    """Whether `key` and `x` determine each other in these trials (a lock-step zip)."""
+    pairs = trials.select(key, x).unique()
+    return pairs.height == trials[key].n_unique() == trials[x].n_unique()
+
+
 def layout(trials: pl.DataFrame, axes: list[str]) -> Layout:
     """x = train.batch_size when it varies; lines = every other swept key that varies (but the seed).
 
-    A key can be swept without varying (a one-value grid); it would only clutter the legend.
+    A key can be swept without varying (a one-value grid); it would only clutter the legend, and so
+    would a key zipped in lock-step with the batch size (e.g. train.eval_every scaled to it: one
+    value per batch size and the reverse), which adds no line the x axis does not already tell.
     Keys that are constant still make a line label when nothing varies (one line, not none).
     """
     varying = [a for a in axes if a in trials.columns and trials[a].n_unique() > 1]
     x = BATCH_AXIS if BATCH_AXIS in varying else None
     seed = SEED_AXIS if SEED_AXIS in axes else None
-    hue = [a for a in varying if a not in (x, SEED_AXIS)]
+    hue = [a for a in varying if a not in (x, SEED_AXIS) and not (x and _follows(trials, a, x))]
     if not hue and LOSS_AXIS in trials.columns:
         hue = [LOSS_AXIS]
     return Layout(x=x, hue=hue, seed=seed)

@@ -178,17 +178,15 @@ def test_make_optimizer_builds_fused_torch_adamw_or_stable_adamw():
 def test_weight_decay_falls_on_matrices_and_embeddings_not_on_gains_biases_t_or_b():
     model = tiny_model()
     decay, no_decay = weight_decay_groups(model)
-    layer = "encoder.layers.0."
-    assert set(decay) == {
+    block = "encoder.blocks.0."
+    matrices = {f"{tower}.{block}{name}.weight" for tower in ("image", "text")
+                for name in ("qkv", "out", "fc", "proj")}
+    assert set(decay) == matrices | {
         "image.patchify.weight", "image.cls", "image.pos", "image.proj.weight",
-        f"image.{layer}self_attn.in_proj_weight", f"image.{layer}self_attn.out_proj.weight",
-        f"image.{layer}linear1.weight", f"image.{layer}linear2.weight",
-        "text.embed.weight", "text.pos", "text.proj.weight",
-        f"text.{layer}self_attn.in_proj_weight", f"text.{layer}self_attn.out_proj.weight",
-        f"text.{layer}linear1.weight", f"text.{layer}linear2.weight",
+        "text.token_embedding", "text.pos", "text.proj.weight",
     }
     assert {"log_scale", "bias", "image.patchify.bias", "image.norm.weight",
-            f"text.{layer}norm1.weight", f"text.{layer}linear1.bias"} <= set(no_decay)
+            f"text.{block}ln_1.weight", f"text.{block}fc.bias"} <= set(no_decay)
     assert all(n.endswith(("bias", "weight", "log_scale")) for n in no_decay)
     opt = make_optimizer(model, OptimSpec(weight_decay=0.2), lr=1e-3)
     params = dict(model.named_parameters())

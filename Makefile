@@ -27,7 +27,9 @@ test: install
 	$(PY) -m pytest -q
 
 # Every test that does not train a model, start Ray, need the local Slurm or drive a browser:
-# what to run on every change (README, "Development").
+# what to run on every change (README, "Development"); about 1.5 minutes on a busy 2-core machine.
+# It still runs single optimisation steps (tests/test_trainer.py), so a broken training step fails
+# here; tests/conftest.py stops any test that trains or calls sbatch without its marker.
 test-fast: install
 	$(PY) -m pytest -q -m "not train and not ray and not slurm and not browser"
 

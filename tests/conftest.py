@@ -1,12 +1,27 @@
-"""Shared fixtures: tiny studies that train for real in a second or two."""
+"""Shared fixtures: tiny studies that train for real in a second or two; and the guard that keeps
+the markers honest.
+
+`make test-fast` runs every test not marked train, ray, slurm or browser, so a test that trains
+or submits to Slurm without its marker would make the fast subset slow, or dependent on a cluster,
+without anyone noticing. The guard stops such a test at the door, naming the marker it needs:
+while a test runs (its fixtures included) that lacks `train`, the training loop
+(`scalestudy.train.loop.train`, behind run_trial, `python -m scalestudy.trial` in-process and
+every data-parallel rank) and starting a trial process (`python -m scalestudy.trial`, `scalestudy
+run`) raise; one that lacks `slurm` may not call `sbatch`.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+import scalestudy.train.loop as loop
 
 # A model and budget small enough that a trial trains in about a second on one CPU core.
 TINY_BASE: dict[str, Any] = {
@@ -35,3 +50,71 @@ def write_study(tmp_path: Path):
         return path
 
     return write
+
+
+# --- the marker guard ----------------------------------------------------------------------------
+
+GUARDED = ("train", "slurm")
+# The markers the running test lacks (empty between tests: collection and plain scripts are free).
+_lacking: set[str] = set()
+_running: list[str] = []
+
+
+class UnmarkedTest(RuntimeError):
+    """A test did what only a test with a marker may do."""
+
+
+def _refuse(marker: str, what: str) -> None:
+    if marker in _lacking:
+        raise UnmarkedTest(
+            f"{_running[-1]} {what} but is not marked `{marker}`: add @pytest.mark.{marker} (or "
+            f"`pytestmark = pytest.mark.{marker}` for a whole module) so `make test-fast` leaves it "
+            "out (pyproject.toml [tool.pytest.ini_options] markers)"
+        )
+
+
+def _words(argv: Any) -> list[str]:
+    if isinstance(argv, (str, bytes, os.PathLike)):
+        argv = [argv]
+    return [os.fsdecode(a) for a in argv or ()]
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    """Sees every subprocess.Popen, in this process and every thread (sys.addaudithook)."""
+    if event != "subprocess.Popen" or not _lacking:
+        return
+    words = _words(args[1])
+    program = os.path.basename(words[0]) if words else ""
+    if "scalestudy.trial" in words or (
+            ("scalestudy.cli" in words or program == "scalestudy") and "run" in words):
+        _refuse("train", f"starts a trial process ({' '.join(words[:4])} …)")
+    if program == "sbatch":
+        _refuse("slurm", "submits to Slurm (sbatch)")
+
+
+sys.addaudithook(_audit)
+
+_train = loop.train
+
+
+def _guarded_train(*args: Any, **kwargs: Any) -> Any:
+    _refuse("train", "runs the training loop (run_trial or scalestudy.train.loop.train)")
+    return _train(*args, **kwargs)
+
+
+# run_trial and _train look `train` up in the module when they call it, so this wrapper is what
+# every in-process trial runs.
+loop.train = _guarded_train
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    # Around setup, call and teardown: a module-scoped fixture that trains is set up inside the
+    # first test that uses it, and is judged by that test's markers.
+    _lacking.update(m for m in GUARDED if item.get_closest_marker(m) is None)
+    _running.append(item.nodeid)
+    try:
+        yield
+    finally:
+        _lacking.clear()
+        _running.pop()

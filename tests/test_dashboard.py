@@ -27,6 +27,9 @@ from scalestudy.dashboard.data import metrics_after
 from scalestudy.store import RunStore, TrialStore
 from tests.conftest import tiny_study
 
+# Most tests read a tiny study trained for real once per module (the `run_dir` fixture).
+pytestmark = pytest.mark.train
+
 TIMEOUT_S = 20  # per request: a hung server fails the test instead of hanging it
 
 

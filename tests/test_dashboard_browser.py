@@ -30,7 +30,8 @@ from scalestudy.store import RunStore
 from tests.conftest import tiny_study
 from tests.test_dashboard import continue_trial
 
-pytestmark = pytest.mark.browser
+# The page is served over a study trained for real in a module fixture.
+pytestmark = [pytest.mark.browser, pytest.mark.train]
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT_S = 30  # any one thing the page must show; polls are every 2 s

@@ -26,6 +26,10 @@ from tests._dist_workers import (
     towers_loss,
 )
 
+# Spawning 2 and 4 ranks costs half a minute on a busy 2-core machine (each imports torch), so these
+# run with the training tests, not in `make test-fast`.
+pytestmark = pytest.mark.train
+
 # Generous: importing torch in each spawned rank dominates, and takes long on a loaded machine;
 # inside the ranks a 30 s collective timeout already turns a deadlock into an error.
 SPAWN_TIMEOUT_S = 240.0

@@ -60,7 +60,9 @@ def test_a_fresh_environment_without_extras_runs_the_local_workflow_and_names_mi
         assert done.returncode == 0, (command, done.stdout, done.stderr)
     assert (tmp_path / "runs" / "tiny" / "report" / "index.html").stat().st_size > 0
     # Each tracker's package is really missing here: one warning per tracker, each naming its extra.
-    for log in (tmp_path / "runs" / "tiny" / "trials").glob("*/log.txt"):
+    logs = sorted((tmp_path / "runs" / "tiny" / "trials").glob("*/log.txt"))
+    assert len(logs) == 2  # one per trial: the check below must see every trial's warnings
+    for log in logs:
         warnings = [line for line in log.read_text().splitlines() if line.startswith("warning:")]
         assert [w.split("pip install ")[1].split(")")[0] for w in warnings] == \
             ["'scalestudy[tensorboard]'", "'scalestudy[wandb]'", "'scalestudy[mlflow]'"]

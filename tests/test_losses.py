@@ -8,7 +8,6 @@ and which a softmax keeps, are parameters, so rows with duplicate captions are c
 
 from __future__ import annotations
 
-import doctest
 from collections.abc import Callable
 
 import pytest
@@ -19,7 +18,6 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import scalestudy.losses
 from scalestudy.losses import caption_groups, negative_mask, sigmoid_loss, softmax_loss
 from scalestudy.spec import LossSpec
 
@@ -591,7 +589,3 @@ def test_positive_duplicates_for_the_softmax_loss_are_rejected_as_changing_nothi
 def test_an_unknown_duplicates_option_names_the_three_that_exist() -> None:
     with pytest.raises(ValidationError, match="'negative', 'positive' or 'masked'"):
         LossSpec(duplicates="ignore")
-
-
-def test_the_docstring_examples_run() -> None:
-    assert doctest.testmod(scalestudy.losses, verbose=False).failed == 0

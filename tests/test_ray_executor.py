@@ -246,6 +246,7 @@ def test_joining_by_address_without_an_auth_mode_says_how_to_set_it(write_study,
 
 
 @pytest.mark.ray
+@pytest.mark.train
 def test_a_study_on_a_private_ray_matches_the_local_executor(tmp_path):
     path = write(tmp_path / "study.yaml", tiny_study())
     assert main(["run", str(path), "--out", str(tmp_path / "local")]) == 0
@@ -269,6 +270,7 @@ def test_a_study_on_a_private_ray_matches_the_local_executor(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.train
 def test_a_two_worker_trial_on_ray_matches_its_single_process_twin(ray_head, tmp_path):
     # The trial's Ray task holds both CPUs and runs its two gloo ranks on that node.
     base = {"train": {"examples_seen": 32 * 8, "batch_size": 32, "checkpoint_every": 4,
@@ -291,6 +293,7 @@ def test_a_two_worker_trial_on_ray_matches_its_single_process_twin(ray_head, tmp
 
 
 @pytest.mark.ray
+@pytest.mark.train
 def test_two_half_gpu_trials_share_the_clusters_one_gpu_at_the_same_time(ray_head, tmp_path):
     study = tiny_study("halves", base={**LONG, "resources": {"cpus": 1, "gpus": 0.5}})
     path = write(tmp_path / "study.yaml", study)
@@ -310,6 +313,7 @@ def test_two_half_gpu_trials_share_the_clusters_one_gpu_at_the_same_time(ray_hea
 
 
 @pytest.mark.ray
+@pytest.mark.train
 def test_a_joined_cluster_fails_a_raising_trial_alone_and_retries_a_dead_worker_within_bounds(
     ray_head, tmp_path
 ):
@@ -348,6 +352,7 @@ def test_a_joined_cluster_fails_a_raising_trial_alone_and_retries_a_dead_worker_
 
 
 @pytest.mark.ray
+@pytest.mark.train
 def test_a_study_stopped_by_ctrl_c_and_then_by_a_dead_driver_resumes_to_the_same_end(
     ray_head, tmp_path
 ):
@@ -387,6 +392,7 @@ def test_a_study_stopped_by_ctrl_c_and_then_by_a_dead_driver_resumes_to_the_same
 
 
 @pytest.mark.ray
+@pytest.mark.train  # `scalestudy run` in a subprocess: it would train, were the check to miss
 def test_a_run_directory_the_workers_cannot_see_fails_before_any_trial_starts(ray_head):
     if ray_head.hidden is None:
         pytest.skip("unshare --mount is not permitted here, so no directory can be hidden from Ray")

@@ -1,7 +1,8 @@
 """`scalestudy run --executor slurm`: job arrays through submitit on the real local Slurm cluster.
 
-The settings tests at the top need no cluster. The cluster tests skip without one, or fail under
-SCALESTUDY_REQUIRE_SLURM=1 (CI), exactly as tests/test_slurm_cluster.py decides. Every wait has a
+The settings tests at the top need no cluster. The cluster tests (marked `slurm`, and `train`: each
+runs trials) skip without one, or fail under SCALESTUDY_REQUIRE_SLURM=1 (CI), exactly as
+tests/test_slurm_cluster.py decides. Every wait has a
 deadline, so a cluster fault fails a test instead of hanging the run.
 """
 
@@ -230,6 +231,8 @@ def set_max_array_size(size: int | None) -> None:
                    check=True, capture_output=True, timeout=120)
 
 
+@pytest.mark.slurm
+@pytest.mark.train
 def test_a_study_on_slurm_returns_at_once_then_finishes_like_the_local_executor(
     cluster, write_study, tmp_path
 ):
@@ -271,6 +274,8 @@ def test_a_study_on_slurm_returns_at_once_then_finishes_like_the_local_executor(
         assert on_slurm == pytest.approx(at_home, rel=1e-5)
 
 
+@pytest.mark.slurm
+@pytest.mark.train
 def test_a_study_larger_than_max_array_size_is_split_into_several_arrays(
     cluster, write_study, tmp_path, capsys
 ):
@@ -290,6 +295,8 @@ def test_a_study_larger_than_max_array_size_is_split_into_several_arrays(
     assert {s["status"] for s in finished.values()} == {"done"}
 
 
+@pytest.mark.slurm
+@pytest.mark.train
 def test_a_trial_that_raises_is_failed_with_its_traceback_while_the_other_finishes(
     cluster, write_study, tmp_path, capsys
 ):
@@ -323,6 +330,8 @@ def test_a_trial_that_raises_is_failed_with_its_traceback_while_the_other_finish
     assert (retried[bad]["status"], retried[bad]["attempts"]) == ("failed", 2)
 
 
+@pytest.mark.slurm
+@pytest.mark.train
 def test_a_preempted_trial_is_requeued_and_resumes_from_its_checkpoint(cluster, write_study, tmp_path):
     study = write_study(tiny_study("preempt", grid={"loss.kind": ["sigmoid"]}, base=LONG, **SLURM))
     submit(study, tmp_path)
@@ -342,6 +351,8 @@ def test_a_preempted_trial_is_requeued_and_resumes_from_its_checkpoint(cluster, 
     assert RunStore(run_dir).trial(tid).metrics()["step"].to_list() == list(range(1, 201))
 
 
+@pytest.mark.slurm
+@pytest.mark.train
 def test_cancel_stops_a_running_trial_at_a_checkpoint_and_run_leaves_it_cancelled(
     cluster, write_study, tmp_path, capsys
 ):
@@ -365,6 +376,8 @@ def test_cancel_stops_a_running_trial_at_a_checkpoint_and_run_leaves_it_cancelle
     assert states(run_dir)[tid]["job_id"] == job  # not resubmitted without --retry-failed
 
 
+@pytest.mark.slurm
+@pytest.mark.train
 def test_a_gpu_trial_runs_on_the_fake_gpu_node_with_cuda_visible_devices_and_trains_on_cpu(
     cluster, write_study, tmp_path
 ):
@@ -379,6 +392,8 @@ def test_a_gpu_trial_runs_on_the_fake_gpu_node_with_cuda_visible_devices_and_tra
     assert "#SBATCH --gpus-per-node=1" in Path(finished["sbatch_script"]).read_text()
 
 
+@pytest.mark.slurm
+@pytest.mark.train
 def test_a_two_rank_trial_runs_as_two_slurm_tasks_and_matches_its_single_process_twin(
     cluster, write_study, tmp_path
 ):

@@ -596,6 +596,55 @@ class TrainSpec(Spec):
         description="auto: CUDA when the trial has GPUs (resources.gpus > 0) and torch sees them, "
         "else the CPU; cpu: always the CPU; cuda: the trial's GPUs, an error without them.",
     )
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="The towers' arithmetic; parameters, optimizer state and the loss stay float32 "
+        "in every mode. fp32: IEEE float32 throughout, CUDA matmuls included (the default, what "
+        "trials always computed). tf32: CUDA matmuls on TF32 tensor cores (float32 otherwise; on a "
+        "CPU the same as fp32). bf16 / fp16: the towers under torch.autocast in that type, their "
+        "features cast to float32 before the loss, whose logits and tiles are float32; bf16 also "
+        "runs on CPUs. fp16 adds dynamic loss scaling (Micikevicius et al. 2018 §3.2, "
+        "torch.amp.GradScaler): a step whose gradients overflow is skipped and the scale halved "
+        "(the step row's grad_overflow), not counted as divergence.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the towers' forward (and with it their backward). The first steps "
+        "pay the compilation: 10–20 s on a CPU with gcc for a small model, about 2 s with a warm "
+        "cache; longer for a ViT-B on a GPU. Losses equal the plain trial's to float32 rounding.",
+    )
+    micro_batch_size: PositiveInt | None = Field(
+        None,
+        description="Rows per forward/backward pass, for batches beyond memory: gradient caching "
+        "(Gao et al. 2021, 'Scaling Deep Contrastive Learning Batch Size under Memory Limited "
+        "Setup', §3): the features of the whole batch without activations, the loss over the whole "
+        "batch back to the features, then each micro-batch again with gradients. The gradient is "
+        "the full batch's (to float rounding) for one extra forward; memory holds one micro-batch's "
+        "activations. At most this many rows per pass: a rank with fewer rows (train.batch_size / "
+        "ranks) runs them at once, so one value can serve a sweep over batch sizes; below that it "
+        "must divide them. None: all of a rank's rows at once.",
+    )
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak dense TFLOP/s of one device in train.precision's arithmetic, for the MFU "
+        "figure: overrides the built-in table of NVIDIA GPUs (scalestudy/train/throughput.py), "
+        "and gives a CPU or an unlisted GPU an MFU at all (None without it).",
+    )
+
+    @model_validator(mode="after")
+    def _micro_batches_tile_the_batch(self) -> TrainSpec:
+        micro = self.micro_batch_size
+        if micro is not None and micro < self.batch_size and self.batch_size % micro:
+            divisors = [d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]
+            below = max(d for d in divisors if d < micro)
+            above = min(d for d in divisors if d > micro)
+            raise ValueError(
+                f"train.micro_batch_size={micro} must divide train.batch_size={self.batch_size} "
+                f"(every micro-batch has the same rows); use {below} or {above}, or remove it to "
+                "train the whole batch at once"
+            )
+        return self
 
 
 class MonitorSpec(Spec):

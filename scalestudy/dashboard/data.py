@@ -46,7 +46,8 @@ PLOT_COLUMNS = ("step", "grad_norm", "is_spike", "spike_ratio", "loss", "is_loss
 OVERVIEW_COLUMNS = ("trial_id", "status", "step", "steps", "final_loss", "zeroshot_top1",
                     "best_zeroshot_top1", "zeroshot_chance", "spike_count", "max_spike_ratio",
                     "first_spike_step", "loss_spike_count", "max_loss_spike_ratio",
-                    "first_loss_spike_step", "stalled", "in_study", "error")
+                    "first_loss_spike_step", "stalled", "samples_per_s", "mfu", "peak_memory_gib",
+                    "in_study", "error")
 # Figures a scaling curve can plot on its y axis (per-trial result columns).
 SCALING_METRICS = ("zeroshot_top1", "best_zeroshot_top1", "linear_probe_top1", "final_loss",
                    "retrieval_i2t_r1", "retrieval_t2i_r1", "spike_count", "max_spike_ratio",

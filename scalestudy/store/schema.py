@@ -35,6 +35,12 @@ STEP_SCHEMA: dict[str, pl.DataType] = {
     "rms_bias": pl.Float64(),
     "update_norm": pl.Float64(),
     "param_norm": pl.Float64(),
+    # Per flush window (every row of a window carries it): the device's step time from CUDA
+    # events (null on a CPU) and the process's peak memory so far.
+    "device_step_time_s": pl.Float64(),
+    "peak_memory_gib": pl.Float64(),
+    # train.precision=fp16 only: the loss scaler skipped this step (its gradients overflowed).
+    "grad_overflow": pl.Boolean(),
 }
 
 # The per-trial columns every results.parquet and `status --json` have, with their types; then
@@ -69,5 +75,9 @@ RESULT_COLUMNS: dict[str, pl.DataType] = {
     "diverged": pl.Boolean(),
     "wall_s": pl.Float64(),
     "samples_per_s": pl.Float64(),
+    "flops_per_sample": pl.Float64(),
+    "mfu": pl.Float64(),
+    "device_step_time_s": pl.Float64(),
+    "peak_memory_gib": pl.Float64(),
     "error": pl.String(),
 }

@@ -70,6 +70,12 @@ _FONT = torch.tensor([[[c == "#" for c in row] for row in digit.split()] for dig
     "### #.# ### #.# ###", "### #.# ### ..# ###",
 )])
 _HOLLOW_INNER = 0.5  # a hollow shape is its outline: the shape minus itself at this scale
+# The attributes drawn independently of the colour–shape pair, and the place value of each in the
+# one combined draw (see draw_scenes).
+_FREE = tuple(name for name in ATTRIBUTES if name not in ("colour", "shape"))
+_FREE_COUNTS = torch.tensor([len(ATTRIBUTES[name]) for name in _FREE])
+_FREE_PLACES = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), _FREE_COUNTS[:-1]]), 0)
+_FREE_COMBINATIONS = math.prod(len(ATTRIBUTES[name]) for name in _FREE)
 _GRAIN = 0.05  # pixel noise, uniform in ±_GRAIN
 _GRAIN_FIELDS = 64
 
@@ -167,11 +173,21 @@ class Dataset(Protocol):
         ...
 
 
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...],
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as (1, C, 1, 1) float32 tensors on `device`, made once: a tensor built from
+    Python numbers on a GPU is a blocking host→device copy, which would stall every step."""
+    def column(values: tuple[float, ...]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    return column(mean), column(std)
+
+
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(x / 255 − mean) / std per channel of uint8 (B, 3, S, S) images, in float32 on their device:
     a batch travels as a quarter of the bytes, and the device does the arithmetic."""
-    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    m, s = _channel_constants(tuple(mean), tuple(std), images.device)
     return (images.to(torch.float32) / 255 - m) / s
 
 
@@ -249,14 +265,12 @@ def draw_scenes(seed: int, split: str, index: int, n: int, pairs: tuple[int, ...
     g = random_stream(seed, split, index)
     # One draw over all combinations, decoded digit by digit: separate small torch.randint calls
     # on one generator are not jointly independent (at B = 4096 they repeat a caption twice as
-    # often as independent draws would).
-    free = {name: len(values) for name, values in ATTRIBUTES.items() if name not in ("colour", "shape")}
+    # often as independent draws would). Digit i is code // (c_0⋯c_{i−1}) % c_i, all at once.
     allowed = torch.arange(len(CLASSES)) if pairs is None else torch.tensor(pairs)
-    code = torch.randint(len(allowed) * math.prod(free.values()), (n,), generator=g)
-    attributes = {}
-    for name, count in free.items():
-        code, attributes[name] = code // count, code % count
-    pair = allowed[code]
+    code = torch.randint(len(allowed) * _FREE_COMBINATIONS, (n,), generator=g)
+    digits = code.unsqueeze(1) // _FREE_PLACES % _FREE_COUNTS
+    attributes = dict(zip(_FREE, digits.unbind(1)))
+    pair = allowed[code // _FREE_COMBINATIONS]
     attributes["colour"], attributes["shape"] = pair // len(SHAPES), pair % len(SHAPES)
     radius = _RADII[attributes["size"]] * (0.93 + 0.14 * torch.rand(n, generator=g))
     cell = torch.stack([attributes["position"] % 3, attributes["position"] // 3], dim=1)
@@ -282,7 +296,9 @@ def _digits_mask(scenes: Scenes, size: int) -> torch.Tensor:
     gap = torch.zeros(n, 5, 1, dtype=torch.bool)
     parts = [_FONT[scenes.attributes["digit1"]], gap, _FONT[scenes.attributes["digit2"]], gap,
              _FONT[scenes.attributes["digit3"]]]
-    glyphs = torch.cat(parts, dim=2).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    glyphs = torch.cat(parts, dim=2)
+    if scale > 1:
+        glyphs = glyphs.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     height, width = glyphs.shape[1:]
     top_left = torch.tensor([size - width, size - height]) - scale * scenes.margin  # (n, 2): x, y
     ys = top_left[:, 1].view(n, 1, 1) + torch.arange(height).view(1, -1, 1)
@@ -292,36 +308,87 @@ def _digits_mask(scenes: Scenes, size: int) -> torch.Tensor:
     return mask
 
 
-def _shape_mask(shape: int, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """(n, S, S): where a shape of radius r (n, 1, 1) covers the pixels at offsets dx (n, 1, S) and
-    dy (n, S, 1) from its centre."""
-    adx, ady = dx.abs(), dy.abs()
-    if SHAPES[shape] == "circle":
-        return dx**2 + dy**2 < r**2
-    if SHAPES[shape] == "square":
-        return torch.maximum(adx, ady) < 0.8 * r
-    if SHAPES[shape] == "triangle":
-        return (dy < 0.7 * r) & (dy > -r) & (adx < 0.55 * (dy + r))
-    if SHAPES[shape] == "cross":
+class _Offsets:
+    """A block of rows' pixel offsets from their centres, dx (n, 1, S) and dy (n, S, 1), with the
+    per-shape quantities that do not depend on the radius computed once (a hollow shape asks
+    again at half the radius)."""
+
+    def __init__(self, dx: torch.Tensor, dy: torch.Tensor) -> None:
+        self.dx, self.dy = dx, dy
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        """|dx| ("adx"), |dy| ("ady"), dx² + dy² ("square"), max(|dx|, |dy|) ("max") or
+        |dx| + |dy| ("sum")."""
+        if name not in self._cache:
+            if name == "adx":
+                value = self.dx.abs()
+            elif name == "ady":
+                value = self.dy.abs()
+            elif name == "square":
+                value = self.dx**2 + self.dy**2
+            elif name == "max":
+                value = torch.maximum(self.get("adx"), self.get("ady"))
+            else:
+                value = self.get("adx") + self.get("ady")
+            self._cache[name] = value
+        return self._cache[name]
+
+    def rows(self, rows: slice) -> _Offsets:
+        part = _Offsets(self.dx[rows], self.dy[rows])
+        part._cache = {name: value[rows] for name, value in self._cache.items()}
+        return part
+
+
+def _shape_mask(shape: int, at: _Offsets, r: torch.Tensor) -> torch.Tensor:
+    """(n, S, S): where a shape of radius r (n, 1, 1) covers the pixels at offsets `at` from its
+    centre."""
+    name, dy = SHAPES[shape], at.dy
+    if name == "circle":
+        return at.get("square") < r**2
+    if name == "square":
+        return at.get("max") < 0.8 * r
+    if name == "triangle":
+        return (dy < 0.7 * r) & (dy > -r) & (at.get("adx") < 0.55 * (dy + r))
+    if name == "cross":
+        adx, ady = at.get("adx"), at.get("ady")
         return ((adx < 0.3 * r) & (ady < r)) | ((ady < 0.3 * r) & (adx < r))
-    return adx + ady < r  # diamond
+    return at.get("sum") < r  # diamond
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_centres(size: int) -> torch.Tensor:
+    """The pixel centres along one side, as fractions of the side."""
+    return (torch.arange(size) + 0.5) / size
 
 
 def _object_mask(scenes: Scenes, size: int) -> torch.Tensor:
     """(n, S, S): the pixels each scene's object covers (a hollow one: its outline only). Each
-    row's own shape only, computed per shape over that shape's rows."""
-    axis = (torch.arange(size) + 0.5) / size
-    mask = torch.empty(len(scenes), size, size, dtype=torch.bool)
+    row's own shape only: the rows are sorted by (shape, fill) once, each shape computed over its
+    block of rows (its hollow rows also at half the radius), and the blocks put back in place."""
+    axis = _pixel_centres(size)
     shapes, hollow = scenes.attributes["shape"], scenes.attributes["fill"] == 1
+    key = 2 * shapes + hollow
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=2 * len(SHAPES)).tolist()
+    placed = torch.cat([scenes.centre, scenes.radius.unsqueeze(1)], dim=1)[order]
+    cx, cy, radius = (column.view(-1, 1, 1) for column in placed.unbind(1))
+    parts, start = [], 0
     for k in range(len(SHAPES)):
-        rows = (shapes == k).nonzero().flatten()
-        if not len(rows):
+        solid, outlined = counts[2 * k], counts[2 * k + 1]
+        rows = slice(start, start + solid + outlined)
+        start = rows.stop
+        if rows.start == rows.stop:
             continue
-        dx = axis.view(1, 1, -1) - scenes.centre[rows, 0].view(-1, 1, 1)
-        dy = axis.view(1, -1, 1) - scenes.centre[rows, 1].view(-1, 1, 1)
-        r = scenes.radius[rows].view(-1, 1, 1)
-        outline = hollow[rows].view(-1, 1, 1) & _shape_mask(k, dx, dy, _HOLLOW_INNER * r)
-        mask[rows] = _shape_mask(k, dx, dy, r) & ~outline
+        at = _Offsets(axis.view(1, 1, -1) - cx[rows], axis.view(1, -1, 1) - cy[rows])
+        r = radius[rows]
+        mask = _shape_mask(k, at, r)
+        if outlined:  # the block's last rows are hollow: the shape minus itself at half size
+            inner = slice(solid, None)
+            mask[inner] &= ~_shape_mask(k, at.rows(inner), _HOLLOW_INNER * r[inner])
+        parts.append(mask)
+    mask = torch.empty(len(scenes), size, size, dtype=torch.bool)
+    mask[order] = torch.cat(parts)
     return mask
 
 

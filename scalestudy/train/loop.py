@@ -43,12 +43,15 @@ from scalestudy.train import ranks as rk
 from scalestudy.train.data import dup_caption_rate, normalize
 from scalestudy.train.datasets import make_dataset
 from scalestudy.train.evaluate import evaluate
+from scalestudy.train.gradcache import cached_gradient_step
 from scalestudy.train.models import TwoTower
 from scalestudy.train.monitors import GradNorms, SpikeDetector, UpdateNorm, UpdateRMS, logit_means
 from scalestudy.train.optim import NonFiniteGate, lr_at, make_optimizer
+from scalestudy.train.precision import Precision
 from scalestudy.train.recorder import DeviceRows, first_bad
+from scalestudy.train.throughput import DeviceClock, peak_flops, peak_memory_bytes
 from scalestudy.train.tokenizers import Tokenizer, make_tokenizer
-from scalestudy.train.summary import summarize
+from scalestudy.train.summary import summarize, throughput_figures
 
 # A single-process trial brings its metrics to the host (and so to status and the dashboard) at
 # least this often.
@@ -61,6 +64,13 @@ RANKS_CHECK_EVERY = 16
 def is_due(step: int, every: int, total: int) -> bool:
     """Whether a periodic action (eval, checkpoint) runs after `step`; always after the last."""
     return step == total or (every > 0 and step % every == 0)
+
+
+def first_diverged(rows: list[dict[str, Any]]) -> int | None:
+    """The first row that ends the trial: a non-finite loss or grad norm (`first_bad`), except that
+    an fp16 step whose gradients overflowed (`grad_overflow`) is judged by its loss alone: the loss
+    scaler skipped that step and lowered the scale (train.precision), which is no divergence."""
+    return first_bad([{"loss": row["loss"]} if row.get("grad_overflow") else row for row in rows])
 
 
 @contextmanager
@@ -196,6 +206,8 @@ class Trainer:
     tokenizer: Tokenizer
     dataset: Any
     local: slice
+    precision: Precision
+    micro_batch: int | None  # rows per pass with gradient caching; None: the rank's rows at once
     # LiT: the locked image tower's features of the training pool, looked up by Batch.index
     # instead of running the tower (scalestudy.train.lit); None: the step runs the tower.
     features: torch.Tensor | None = None
@@ -203,6 +215,7 @@ class Trainer:
     @classmethod
     def build(cls, trial: Trial, ranks: rk.Ranks, device: torch.device, run_dir: Path) -> Trainer:
         cfg, derived = trial.config, trial.derived
+        precision = Precision.build(cfg.train.precision, device)
         torch.manual_seed(cfg.train.seed)  # the same init on every rank
         model = TwoTower(cfg.model, cfg.data.image_size, derived.temperature_init, derived.bias_init,
                          cfg.loss.learn_temperature, cfg.loss.max_temperature).to(device)
@@ -212,14 +225,18 @@ class Trainer:
         features = lit.cached_image_features(model, cfg, dataset, run_dir, device, ranks)
         core = model if features is None else lit.LockedImageForward(model, features)
         # DDP averages gradients over ranks; the distributed losses are written for that convention.
-        forward = DistributedDataParallel(core) if ranks.world > 1 else core
+        forward: torch.nn.Module = DistributedDataParallel(core) if ranks.world > 1 else core
+        if cfg.train.compile:
+            forward = torch.compile(forward)  # type: ignore[assignment]
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(model, cfg.optim, derived.lr)
         monitor, extended, batch = cfg.monitor, cfg.monitor.extended, cfg.train.batch_size
         return cls(
             trial=trial, ranks=ranks, device=device, model=model, forward=forward,
             optimizer=optimizer, params=params, grad_norms=GradNorms(model),
-            spikes=SpikeDetector(monitor.spike_threshold, monitor.spike_window, device),
+            # fp16 overflow steps have an inf grad norm that must not enter the running median.
+            spikes=SpikeDetector(monitor.spike_threshold, monitor.spike_window, device,
+                                 skip_non_finite=precision.scaler is not None),
             loss_spikes=SpikeDetector(monitor.loss_spike_threshold, monitor.loss_spike_window, device),
             gate=NonFiniteGate(device),
             updates=UpdateNorm(params) if extended else None,
@@ -227,6 +244,8 @@ class Trainer:
             tokenizer=trial_tokenizer(cfg, run_dir),
             dataset=dataset,
             local=slice(ranks.rank * batch // ranks.world, (ranks.rank + 1) * batch // ranks.world),
+            precision=precision,
+            micro_batch=micro_batch(cfg.train.micro_batch_size, batch // ranks.world, ranks.world),
             features=features,
         )
 
@@ -250,25 +269,30 @@ class Trainer:
         # Rows of the global batch whose caption repeats in it: false negatives for the loss.
         captions = (batch.captions if self.ranks.world == 1
                     else self.dataset.train_captions(step, cfg.train.batch_size))
+        # Built on the host, copied without waiting (made on a GPU it would be a blocking copy).
+        groups = (caption_groups(captions).to(self.device, non_blocking=True)
+                  if cfg.loss.duplicates != "negative" else None)
 
-        groups = (caption_groups(captions, self.device) if cfg.loss.duplicates != "negative"
-                  else None)
-        image_features, text_features = self.forward(images, tokens)
         scale = model.logit_scale()
-        loss = compute_loss(self.trial, step, image_features, text_features, scale, model.bias,
-                            self.ranks.world > 1, groups)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        image_features, text_features, loss = self.forward_backward(step, images, tokens, scale,
+                                                                    groups)
+        self.precision.unscale(optimizer)  # fp16: every reader below sees true gradients
         # Norms before any clipping: the spike record must show what the optimiser was handed.
         # After backward the gradients are already averaged over ranks, so every rank agrees.
         norms = self.grad_norms()
         loss_now = loss.detach()
         is_spike, ratio = self.spikes.update(norms["grad_norm"])
         is_loss_spike, loss_ratio = self.loss_spikes.update(loss_now)
-        optimizer.found_inf = self.gate.update(loss_now, norms["grad_norm"])  # type: ignore[attr-defined]
         metrics = {"loss": loss_now, "grad_norm": norms["grad_norm"], "temperature": scale.detach(),
                    "is_spike": is_spike, "spike_ratio": ratio, "is_loss_spike": is_loss_spike,
                    "loss_spike_ratio": loss_ratio}
+        if self.precision.scaler is None:
+            optimizer.found_inf = self.gate.update(loss_now, norms["grad_norm"])  # type: ignore[attr-defined]
+        else:  # an overflow skips this step only; a non-finite loss halts the trial
+            overflow = self.precision.overflowed(norms["grad_norm"])
+            optimizer.found_inf = torch.maximum(self.gate.update(loss_now), overflow.float())  # type: ignore[attr-defined]
+            metrics["grad_overflow"] = overflow
         if model.bias is not None:
             metrics["bias"] = model.bias.detach().clone()  # clone: the step updates it in place
         if self.updates is not None:
@@ -282,6 +306,7 @@ class Trainer:
         if self.updates is not None:
             self.updates.snapshot()
         optimizer.step()
+        self.precision.update()
         if self.updates is not None and self.update_rms is not None:
             metrics.update(self.updates.measure())
             metrics.update(self.update_rms.read())
@@ -290,6 +315,27 @@ class Trainer:
         if model.bias is None:
             host["bias"] = None
         return host, metrics
+
+    def forward_backward(
+        self, step: int, images: torch.Tensor, tokens: torch.Tensor, scale: torch.Tensor,
+        groups: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's features and the loss, with the gradients accumulated in the parameters:
+        in one pass, or `micro_batch` rows at a time by gradient caching (scalestudy.train.gradcache).
+        The towers run under the trial's autocast; the loss always in float32, outside it."""
+        def loss_of(image_features: torch.Tensor, text_features: torch.Tensor,
+                    scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return compute_loss(self.trial, step, image_features, text_features, scale, bias,
+                                self.ranks.world > 1, groups)
+
+        if self.micro_batch is not None:
+            return cached_gradient_step(self.forward, images, tokens, self.micro_batch, loss_of,
+                                        scale, self.model.bias, self.precision)
+        with self.precision.autocast():
+            image_features, text_features = self.forward(images, tokens)
+        loss = loss_of(image_features, text_features, scale, self.model.bias)
+        self.precision.backward(loss)
+        return image_features, text_features, loss
 
     def evaluate(self, step: int) -> dict[str, Any]:
         results = evaluate(self.model, self.dataset, self.tokenizer, self.device)
@@ -303,7 +349,8 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"step": step, "wall_s": wall_s, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "spikes": self.spikes.state_dict(),
-                "loss_spikes": self.loss_spikes.state_dict(), "rng": rng}
+                "loss_spikes": self.loss_spikes.state_dict(), "rng": rng,
+                "precision": self.precision.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a checkpoint loaded to the CPU: model and optimizer state move to this attempt's
@@ -312,10 +359,24 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.spikes.load_state_dict(state["spikes"])
         self.loss_spikes.load_state_dict(state["loss_spikes"])
+        self.precision.load_state_dict(state.get("precision", {}))  # absent before train.precision
         rng = state["rng"]
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def micro_batch(micro_batch_size: int | None, local_rows: int, world: int) -> int | None:
+    """Rows per gradient-caching pass on a rank with `local_rows` rows, or None for one pass."""
+    if micro_batch_size is None or micro_batch_size >= local_rows:
+        return None
+    if local_rows % micro_batch_size:
+        raise ValueError(
+            f"train.micro_batch_size={micro_batch_size} must divide the {local_rows} rows each of "
+            f"the {world} data-parallel ranks trains (train.batch_size / ranks); use a divisor "
+            f"of {local_rows}, or resources with fewer ranks"
+        )
+    return micro_batch_size
 
 
 # A BPE tokenizer learns its merges from this many training captions (SigLIP trained its
@@ -364,13 +425,24 @@ def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Rank
         return wall_before + time.time() - attempt_start
 
     pending = trainer.rows()
+    clock = DeviceClock(device)
     last_flush = time.time()
 
     def flush() -> int | None:
-        """Rows to the sinks (up to a bad step); returns the step that diverged, if one did."""
+        """Rows to the sinks (up to a bad step); returns the step that diverged, if one did.
+
+        Each row also gets its window's figures: the device's step time (CUDA events; the mean
+        over the steps since the last flush) and the process's peak memory so far."""
         nonlocal last_flush
         rows = pending.drain()
-        bad = first_bad(rows)
+        window_s = clock.stop()
+        memory_gib = peak_memory_bytes(device) / 2**30
+        for row in rows:
+            row["device_step_time_s"] = None if window_s is None else window_s / len(rows)
+            row["peak_memory_gib"] = memory_gib
+            if "grad_overflow" in row:
+                row["grad_overflow"] = bool(row["grad_overflow"])
+        bad = first_diverged(rows)
         diverged = None if bad is None else int(rows[bad]["step"])
         if bad is not None:
             rows = rows[:bad + 1]  # the trial stopped there; later steps changed nothing
@@ -385,6 +457,7 @@ def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Rank
     tick = time.perf_counter()
     try:
         for step in range(start + 1, derived.steps + 1):
+            clock.start()
             host, metrics = trainer.step(step)
             now = time.perf_counter()
             host["step_time_s"], tick = now - tick, now
@@ -422,8 +495,12 @@ def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Rank
         sinks.log(diverged_at, trainer.evaluate(diverged_at))
     error = (DivergedError(diverged_at, "non-finite loss or gradient norm")
              if diverged_at is not None else None)
-    summary = summarize(store.metrics(), store.evals(), trial, error is not None, elapsed(),
+    metrics = store.metrics()
+    summary = summarize(metrics, store.evals(), trial, error is not None, elapsed(),
                         len(trainer.dataset.classes))
+    summary.update(throughput_figures(
+        summary, metrics, trial, peak_flops(device, cfg.train.precision, cfg.train.peak_tflops),
+        ranks.world))
     sinks.log(summary["step"], {f"{SUMMARY}{k}": v for k, v in summary.items()})
     sinks.close()
     store.update_state(status=Status.DIVERGED if error else Status.DONE, finished_at=time.time(),

@@ -262,11 +262,13 @@ class TwoTower(nn.Module):
         # CLIP §2.5 clips the learned scale at 100 so training stays stable.
         return self.log_scale.clamp(max=self.max_log_scale).exp()
 
+    # Features leave the towers as float32 (a no-op in float32): under bf16/fp16 autocast the
+    # normalisation and everything after it, the loss above all, computes in float32.
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image(images), dim=-1)
+        return F.normalize(self.image(images).float(), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text(tokens), dim=-1)
+        return F.normalize(self.text(tokens).float(), dim=-1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(tokens)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scalestudy.train.optim import StableAdamW, update_rms
+from scalestudy.train.optim import StableAdamW, bias_corrections
 
 # The image tower's patch embedding (the ViT's first layer), where Wortsman et al. 2023 (§3.4)
 # watch the update RMS rise a few steps before a loss spike.
@@ -82,11 +82,13 @@ class UpdateNorm:
 
     @torch.no_grad()
     def measure(self) -> dict[str, torch.Tensor]:
-        """{"update_norm", "param_norm"} as 0-d tensors."""
-        return {
-            "update_norm": global_norm(torch._foreach_sub(self.params, self.before)),
-            "param_norm": global_norm(self.params),
-        }
+        """{"update_norm", "param_norm"} as 0-d tensors: the change in place of the snapshot (its
+        sign does not change its norm), and both lists' norms in one foreach call."""
+        torch._foreach_sub_(self.before, self.params)
+        norms = torch.stack(torch._foreach_norm(self.before + self.params))
+        count = len(self.params)
+        return {"update_norm": torch.linalg.vector_norm(norms[:count]),
+                "param_norm": torch.linalg.vector_norm(norms[count:])}
 
 
 @torch.no_grad()
@@ -121,18 +123,28 @@ class SpikeDetector:
     How many values have been fed is a Python int, so the warm-up needs no sync: while fewer than
     `window // 2` have been seen the ratio is NaN (the noisy first steps are not judged). A
     non-finite value never raises, has ratio NaN and is no spike (divergence handles it); the
-    trial stops at it, so what it leaves in the history does not matter.
+    trial stops at it, so what it leaves in the history does not matter — except with
+    `skip_non_finite` (fp16 trials, whose overflow steps the loss scaler skips and the trial goes
+    on): then a non-finite value is kept out of the median, which is over the finite values among
+    the previous `window`, and the warm-up counts finite values too.
     """
 
-    def __init__(self, threshold: float, window: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, threshold: float, window: int, device: torch.device | str = "cpu",
+                 skip_non_finite: bool = False) -> None:
         if window < 1:
             raise ValueError(f"SpikeDetector window={window}: use at least 1 value")
         self.threshold = threshold
         self.window = window
         self.warmup = max(1, window // 2)
+        self.skip_non_finite = skip_non_finite
         self.history = torch.full((window,), math.nan, dtype=torch.float64, device=device)
         self.count = 0
         self._nan = torch.full((), math.nan, dtype=torch.float64, device=device)
+
+    def _stored(self, values: torch.Tensor) -> torch.Tensor:
+        """What enters the history: with skip_non_finite a non-finite value as NaN, which sorts
+        after every finite value and is not counted."""
+        return torch.where(torch.isfinite(values), values, self._nan) if self.skip_non_finite else values
 
     @torch.no_grad()
     def update(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,12 +154,20 @@ class SpikeDetector:
         seen = min(self.count, self.window)
         if self.count >= self.warmup:
             ordered = torch.sort(self.history[:seen]).values
-            median = (ordered[(seen - 1) // 2] + ordered[seen // 2]) / 2
-            usable = (median > 0) & torch.isfinite(value)
+            usable = torch.isfinite(value)
+            if self.skip_non_finite:  # the middle of the finite values, sorted first
+                finite = torch.isfinite(ordered).sum()
+                middle = torch.stack([(finite - 1).div(2, rounding_mode="floor"),
+                                      finite.div(2, rounding_mode="floor")]).clamp(0, seen - 1)
+                median = ordered.index_select(0, middle).sum() / 2
+                usable = usable & (finite >= self.warmup)
+            else:
+                median = (ordered[(seen - 1) // 2] + ordered[seen // 2]) / 2
+            usable = usable & (median > 0)
             ratio = torch.where(usable, value / median, self._nan)
         else:
             ratio = self._nan.clone()
-        self.history[self.count % self.window] = value
+        self.history[self.count % self.window] = self._stored(value)
         self.count += 1
         return ratio > self.threshold, ratio
 
@@ -167,14 +187,18 @@ class SpikeDetector:
         past = (self.history.roll(-(self.count % window)) if self.count >= window
                 else self.history[:seen])
         # window NaNs in front, so the predecessors of value j are row seen + j of the unfold.
-        series = torch.cat([self.history.new_full((window,), math.nan), past, values])
+        series = torch.cat([self.history.new_full((window,), math.nan), past, self._stored(values)])
         windows = series.unfold(0, window, 1)[seen:seen + n]
         counts = (torch.arange(n, device=values.device) + self.count).clamp(max=window)
         ordered = windows.sort(dim=1).values  # the NaN padding sorts last, after the counts values
+        usable = counts >= self.warmup
+        if self.skip_non_finite:  # NaN padding and skipped values alike sort last, uncounted
+            counts = torch.isfinite(ordered).sum(1)
+            usable = usable & (counts >= self.warmup)
         low = ordered.gather(1, ((counts - 1) // 2).clamp(min=0).unsqueeze(1)).squeeze(1)
         high = ordered.gather(1, (counts // 2).clamp(max=window - 1).unsqueeze(1)).squeeze(1)
         median = (low + high) / 2
-        usable = (counts >= self.warmup) & (median > 0) & torch.isfinite(values)
+        usable = usable & (median > 0) & torch.isfinite(values)
         ratio = torch.where(usable, values / median, self._nan)
         kept = min(self.count + n, window)
         slots = torch.arange(self.count + n - kept, self.count + n, device=values.device) % window
@@ -239,26 +263,53 @@ class UpdateRMS:
             ("rms_patch_embed", patch_embed), ("rms_temperature", "log_scale"), ("rms_bias", "bias"),
         ) if name in position}
         self._nan = torch.full((), math.nan, device=device)
+        self._params = params
+        self._numel_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._per_tensor: torch.Tensor | None = None
         if not isinstance(optimizer, StableAdamW):
             optimizer.register_step_pre_hook(self._before_step)
 
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        per_param: list[torch.Tensor] = []
-        for group in optimizer.param_groups:
-            beta2, eps = group["betas"][1], group["eps"]
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            states = [optimizer.state.get(p) or {} for p in with_grad]
-            # Before the first step there is no state: v_0 = 0 and t − 1 = 0.
-            exp_avg_sqs = [s["exp_avg_sq"] if s else torch.zeros_like(p)
-                           for s, p in zip(states, with_grad)]
-            steps = [s["step"] if s else p.new_zeros(()) for s, p in zip(states, with_grad)]
-            values = iter(update_rms([p.grad for p in with_grad], exp_avg_sqs, steps, beta2, eps)
-                          if with_grad else [])
-            per_param.extend(next(values) if p.grad is not None else self._nan
-                             for p in group["params"])
-        self._per_tensor = torch.stack(per_param)
+        buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
+        for group in optimizer.param_groups:  # the groups differ in weight decay only, as a rule
+            key = (group["betas"][1], group["eps"])
+            buckets.setdefault(key, []).extend(p for p in group["params"] if p.grad is not None)
+        rms = {key: self._rms(optimizer, params, *key) for key, params in buckets.items() if params}
+        if len(rms) == 1 and len(next(iter(buckets.values()))) == len(self.names):
+            self._per_tensor = next(iter(rms.values()))  # every parameter, in `names` order
+            return
+        by_param = {id(p): value for key, params in buckets.items() if params
+                    for p, value in zip(params, rms[key].unbind())}
+        self._per_tensor = torch.stack([by_param.get(id(p), self._nan) for p in self._params])
+
+    def _rms(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], beta2: float,
+             eps: float) -> torch.Tensor:
+        """`optim.update_rms` for torch AdamW's state, in five passes over the parameters instead
+        of eight: with w = β2·v_{t−1} + (1−β2)·g_t² (one lerp) and c = 1 − β2^t, RMS_t² =
+        mean(g²/max(w/c, ε²)) = c·mean(g²/max(w, c·ε²)), and the per-tensor factors c, 1/numel
+        and the square root act on one vector of per-tensor sums."""
+        grads = [p.grad for p in params]
+        states = [optimizer.state.get(p) for p in params]
+        # Before the first step there is no state: v_0 = 0 and t − 1 = 0.
+        exp_avg_sqs = [s["exp_avg_sq"] if s else torch.zeros_like(p) for s, p in zip(states, params)]
+        steps = torch.stack([s["step"] if s else p.new_zeros(()) for s, p in zip(states, params)])
+        correction = bias_corrections([steps + 1], beta2)[0]
+        squares = torch._foreach_mul(grads, grads)  # type: ignore[arg-type]
+        w = torch._foreach_lerp(exp_avg_sqs, squares, 1 - beta2)
+        torch._foreach_maximum_(w, list((correction * eps**2).unbind()))
+        torch._foreach_div_(squares, w)
+        sums = torch.stack(torch._foreach_norm(squares, 1))  # L1 = sum: the ratios are ≥ 0
+        return (sums * correction / self._numels(params)).sqrt()
+
+    def _numels(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """Element counts of `params` as a device vector, made once per parameter set (a fresh
+        host→device copy every step would wait for the device on CUDA)."""
+        key = tuple(id(p) for p in params)
+        if key not in self._numel_cache:
+            self._numel_cache[key] = torch.tensor([float(p.numel()) for p in params],
+                                                  device=params[0].device)
+        return self._numel_cache[key]
 
     def per_tensor(self) -> torch.Tensor:
         """RMS_t of every parameter tensor of the last step, in `names` order."""

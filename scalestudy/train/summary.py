@@ -10,6 +10,7 @@ import polars as pl
 
 from scalestudy.expand import Trial
 from scalestudy.losses import NegativeWeight, resolve_negatives
+from scalestudy.train.throughput import training_flops_per_sample
 
 # The final loss is averaged over the last steps: one step's loss is too noisy to compare trials.
 FINAL_LOSS_STEPS = 10
@@ -134,3 +135,36 @@ def summarize(
         if key not in EVAL_BOOKKEEPING and key not in summary:
             summary[key] = value
     return summary
+
+
+def _known(metrics: pl.DataFrame, name: str) -> pl.Series:
+    """A float column's known values (empty when the history has none)."""
+    if metrics.height == 0 or name not in metrics.columns:
+        return pl.Series([], dtype=pl.Float64)
+    return metrics[name].cast(pl.Float64).drop_nulls().drop_nans()
+
+
+def throughput_figures(
+    summary: dict[str, Any], metrics: pl.DataFrame, trial: Trial, peak_flops: float | None,
+    devices: int,
+) -> dict[str, Any]:
+    """How fast the trial ran against its hardware, from the stored history (added to summary.json
+    beside `summarize`'s figures, whose `samples_per_s` it builds on).
+
+    `flops_per_sample`: model FLOPs of one pair in a training step (scalestudy.train.throughput);
+    `mfu`: those FLOPs per second per device over `peak_flops`, one device's peak dense FLOP/s in
+    the trial's arithmetic (None when unknown, as on a CPU without train.peak_tflops), with the
+    wall-clock samples_per_s (data, monitors and all); `peak_tflops`: the peak used;
+    `device_step_time_s`: the median CUDA-event step time (None on a CPU); `peak_memory_gib`: the
+    largest peak any flush recorded (CUDA: allocated tensors; CPU: the process's RSS).
+    """
+    flops = training_flops_per_sample(trial.config)
+    samples_per_s = summary.get("samples_per_s")
+    device_time, memory = _known(metrics, "device_step_time_s"), _known(metrics, "peak_memory_gib")
+    return {
+        "flops_per_sample": flops,
+        "mfu": flops * samples_per_s / devices / peak_flops if samples_per_s and peak_flops else None,
+        "peak_tflops": None if peak_flops is None else peak_flops / 1e12,
+        "device_step_time_s": float(device_time.median()) if len(device_time) else None,
+        "peak_memory_gib": float(memory.max()) if len(memory) else None,
+    }

@@ -1,21 +1,35 @@
 """Step time of real trials: the canonical studies' tiny model at small batch (the per-step
-overhead the CPU studies pay), and the quickstart model's throughput with monitors on and off.
+overhead the CPU studies pay), and the quickstart model's throughput with monitors on and off;
+and the peak memory of one large-batch step with and without micro-batching.
 
-    .venv/bin/python benchmarks/bench_step.py [--steps 300] [--threads 1]
+    .venv/bin/python benchmarks/bench_step.py [--steps 300] [--threads 1] [--only B=16]
+    .venv/bin/python benchmarks/bench_step.py --memory [--batch 16384] [--micro 1024 2048]
 
 Each case trains a real trial in this process through the trial entry point (`run_trial`) and
 reads its per-step `step_time_s` (the loop's wall time from one step's start to the next: data,
 tokenizer, forward, loss, backward, monitors, optimizer); the first 20 steps are dropped as
-warm-up, and the median of the rest is reported. Target (issue 12): ≤ 5 ms median for the tiny
-model at B = 16 with every monitor on, on the 2-core machine.
+warm-up, and the median of the rest is reported. Target (issue 12): ≤ 5 ms median for the
+tiny model at B = 16 with every monitor on, on the 2-core machine.
+
+`--memory`: one optimisation step of the tiny model at B = `--batch` (sigmoid loss chunked by
+1024, so the loss's B×B logits never exist and the towers' activations are what grows), plain and
+with `train.micro_batch_size` (gradient caching), each in a fresh subprocess. Peak memory is the
+growth of the process's resident set over the step: VmHWM after resetting it (/proc/self/
+clear_refs) minus VmRSS before, measured on the second step (the first allocates the optimizer's
+state). That is what the OS sees, allocator caching and fragmentation included; torch keeps no
+peak statistics for CPU tensors, and tracemalloc does not see torch's allocations (Linux only).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +56,50 @@ def step_times(root: Path, name: str, steps: int, threads: int, **config: Any) -
     return ts.metrics()["step_time_s"].to_list()[WARMUP:]
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def step_memory(batch: int, micro: int | None, threads: int) -> dict[str, float]:
+    """Peak RSS growth (MiB) and wall seconds of the second step of a B = `batch` trial."""
+    import torch
+
+    from scalestudy.train.loop import Trainer
+    from scalestudy.train.ranks import Ranks
+
+    torch.set_num_threads(threads)
+    cfg = TrialConfig.model_validate({
+        "model": TINY, "loss": {"kind": "sigmoid", "chunk_size": 1024},
+        "train": {"batch_size": batch, "examples_seen": 2 * batch, "micro_batch_size": micro},
+        "data": {"eval_images": 64}, "monitor": {"extended": True}})
+    trial = Trial(trial_id=trial_id(cfg), config=cfg, derived=derive(cfg), swept={})
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer.build(trial, Ranks(), torch.device("cpu"), Path(tmp))
+        trainer.step(1)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _status_kib("VmRSS")
+        start = time.perf_counter()
+        trainer.step(2)
+        seconds = time.perf_counter() - start
+    return {"peak_mib": (_status_kib("VmHWM") - before) / 1024, "seconds": seconds}
+
+
+def memory_table(batch: int, micros: list[int], threads: int) -> None:
+    print(f"tiny model, B={batch}, sigmoid chunked by 1024, threads {threads}")
+    print("| micro-batch | peak RSS growth over the step (MiB) | step (s) |")
+    print("|---|---:|---:|")
+    for micro in [None, *micros]:
+        command = [sys.executable, __file__, "--memory-case", str(micro or 0), "--batch", str(batch),
+                   "--threads", str(threads)]
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        result = json.loads(done.stdout.splitlines()[-1])
+        print(f"| {micro or 'none (whole batch)'} | {result['peak_mib']:.0f} | {result['seconds']:.1f} |",
+              flush=True)
+
+
 CASES = {
     "tiny model, B=16, monitors on": dict(model=TINY, train={"batch_size": 16}),
     "tiny model, B=16, monitors off": dict(model=TINY, train={"batch_size": 16},
@@ -58,7 +116,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", help="run only the cases whose name contains this")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak memory of one step at --batch, plain and micro-batched")
+    parser.add_argument("--batch", type=int, default=16384)
+    parser.add_argument("--micro", type=int, nargs="+", default=[1024])
+    parser.add_argument("--memory-case", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_case is not None:
+        print(json.dumps(step_memory(args.batch, args.memory_case or None, args.threads)))
+        return
+    if args.memory:
+        memory_table(args.batch, args.micro, args.threads)
+        return
     print(f"load average {os.getloadavg()[0]:.2f}, torch threads {args.threads}")
     print("| case | median step (ms) | p90 (ms) | samples/s |")
     print("|---|---:|---:|---:|")
@@ -71,7 +140,8 @@ def main() -> None:
             median = statistics.median(times)
             p90 = statistics.quantiles(times, n=10)[-1]
             batch = config["train"]["batch_size"]
-            print(f"| {name} | {1000 * median:.2f} | {1000 * p90:.2f} | {batch / median:.0f} |")
+            print(f"| {name} | {1000 * median:.2f} | {1000 * p90:.2f} | {batch / median:.0f} |",
+                  flush=True)
     print(f"load average after {os.getloadavg()[0]:.2f}")
 
 

@@ -320,9 +320,11 @@ READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Te
 
 class DeviceReads(TorchFunctionMode):
     """Counts the calls that make the host wait for the device on a GPU: reading a value
-    (.item(), .tolist(), bool(), float(), int(), indexing with a tensor, .numpy(), .cpu()), a
-    blocking .to() onto the host, and tensors made from Python values straight on the device
-    (a blocking host→device copy). The host's own batch building is not counted."""
+    (.item(), .tolist(), bool(), float(), int(), indexing with a tensor, .numpy(), .cpu()),
+    anywhere; and, in scalestudy's own code, a blocking .to(device) and a tensor made from Python
+    values straight on a device (on a GPU both are blocking copies; on this CPU a device is the
+    host, so a same-device .to() inside torch, a no-op, cannot be told apart and is not counted).
+    The host's own batch building is not counted."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -330,12 +332,14 @@ class DeviceReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        caller = sys._getframe(1).f_code.co_filename
+        ours = "/scalestudy/" in caller.replace("\\", "/")
         blocking_to = (func is torch.Tensor.to and not kwargs.get("non_blocking", False)
                        and any(isinstance(a, (str, torch.device)) for a in (*args[1:], kwargs.get("device"))))
         made_on_device = func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None
-        if (func in READS or blocking_to or made_on_device) and not self.from_host_data():
-            caller = sys._getframe(1)
-            self.calls.append(f"{func.__name__} at {caller.f_code.co_filename}:{caller.f_lineno}")
+        if (func in READS or (ours and (blocking_to or made_on_device))) and not self.from_host_data():
+            line = sys._getframe(1).f_lineno
+            self.calls.append(f"{func.__name__} at {caller}:{line}")
         return func(*args, **kwargs)
 
     @staticmethod
@@ -384,18 +388,20 @@ def test_fast_paths_train_the_same_trial_as_the_plain_step(tmp_path):
     runs = {name: train_trial(tmp_path, name, cfg) for name, cfg in same.items()}
     # Gradient checkpointing recomputes the same ops in the same order: bit for bit.
     assert runs["checkpointed"]["loss"].equals(plain["loss"])
-    # Gradient caching sums the same gradient in another order (measured: 9.5e-7 absolute, 2e-7
-    # relative over 24 steps).
+    # Gradient caching sums the same gradient in another order (measured over 24 steps: 2.0e-7
+    # relative in the loss, 3.7e-7 in the grad norm).
     assert relative_gap(runs["micro-batched"]["loss"], plain["loss"]) < 1e-5
-    assert relative_gap(runs["micro-batched"]["grad_norm"], plain["grad_norm"]) < 1e-4
+    assert relative_gap(runs["micro-batched"]["grad_norm"], plain["grad_norm"]) < 1e-5
 
 
 @pytest.mark.train
 def test_a_compiled_trial_trains_the_plain_trials_model(tmp_path):
     plain = train_trial(tmp_path, "plain", config())
     compiled = train_trial(tmp_path, "compiled", config(train={"compile": True}))
-    # Inductor fuses and reorders float32 arithmetic (measured: ≤ 2e-6 relative over 24 steps).
-    assert relative_gap(compiled["loss"], plain["loss"]) < 1e-4
+    # Inductor fuses and reorders float32 arithmetic (measured over 24 steps: 2.0e-7 relative in
+    # the loss, 6.5e-7 in the grad norm).
+    assert relative_gap(compiled["loss"], plain["loss"]) < 1e-5
+    assert relative_gap(compiled["grad_norm"], plain["grad_norm"]) < 1e-5
 
 
 @pytest.mark.train
@@ -403,7 +409,7 @@ def test_a_bf16_trial_stays_within_bf16_rounding_of_the_fp32_trial(tmp_path):
     plain = train_trial(tmp_path, "plain", config())
     bf16 = train_trial(tmp_path, "bf16", config(train={"precision": "bf16"}))
     # bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 2e-3 per op). Measured over 24 steps:
-    # ≤ 1.7e-3 relative loss difference; the first loss (same weights, same batch) within 3e-4.
+    # at most 1.1e-3 relative loss difference; the first loss (same weights and batch) 3.0e-4.
     assert relative_gap(bf16["loss"].head(1), plain["loss"].head(1)) < 1e-3
     assert relative_gap(bf16["loss"], plain["loss"]) < 1e-2
     assert bf16["loss"].tail(4).mean() < bf16["loss"].head(4).mean() - 1  # and it learns
@@ -418,7 +424,7 @@ def test_an_fp16_trial_skips_its_overflow_steps_and_trains_to_the_end(tmp_path):
     # scale halves each time, and training goes on.
     assert overflow[0] and not any(overflow[-10:])
     assert fp16.filter(pl.col("grad_overflow"))["grad_norm"].is_infinite().all()
-    assert relative_gap(fp16["loss"].head(1), plain["loss"].head(1)) < 1e-3
+    assert relative_gap(fp16["loss"].head(1), plain["loss"].head(1)) < 1e-3  # measured 2.3e-5
     assert fp16["loss"].tail(4).mean() < fp16["loss"].head(4).mean() - 1
 
 
@@ -428,8 +434,10 @@ def test_micro_batching_composes_with_data_parallel_ranks(tmp_path):
     ranks = train_trial(tmp_path, "ranks", config(train={"micro_batch_size": 4},
                                                   resources={"workers": 2, "cpus": 2}))
     # Each rank micro-batches its 16 rows by 4; the gloo all-reduce and the distributed loss sum
-    # in another order than one process (tests/test_data_parallel.py: 1e-4 relative).
-    assert relative_gap(ranks["loss"], plain["loss"]) < 1e-4
+    # in another order than one process (measured over 24 steps: 2.0e-7 relative in the loss,
+    # 7.2e-7 in the grad norm).
+    assert relative_gap(ranks["loss"], plain["loss"]) < 1e-5
+    assert relative_gap(ranks["grad_norm"], plain["grad_norm"]) < 1e-5
 
 
 class StopAt:

@@ -92,8 +92,16 @@ class Timer:
 
 
 def trial_process(trial_dir: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "scalestudy.trial", str(trial_dir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """`python -m scalestudy.trial`, its output appended to the trial's log.txt (a pipe nobody
+    reads could fill and stall it)."""
+    with open(trial_dir / "log.txt", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "scalestudy.trial", str(trial_dir)],
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def finished(proc: subprocess.Popen[bytes], trial_dir: Path, timeout: float) -> None:
+    if proc.wait(timeout=timeout) != 0:
+        raise RuntimeError(f"trial exited {proc.returncode}:\n{(trial_dir / 'log.txt').read_text()[-3000:]}")
 
 
 def recorded_step(trial_dir: Path) -> int:
@@ -106,17 +114,16 @@ def recorded_step(trial_dir: Path) -> int:
 def part_resume(device: torch.device, dry: bool) -> dict[str, Any]:
     import polars as pl
 
-    steps, batch = (60, 32) if dry else (240, 128)
+    steps, batch = (40, 32) if dry else (240, 128)
     trial = as_trial(on_device({
-        "model": TINY_MODEL, "data": {"eval_images": 256},
+        "model": TINY_MODEL, "data": {"eval_images": 64 if dry else 256},
         "train": {"batch_size": batch, "examples_seen": batch * steps, "checkpoint_every": 25,
                   "eval_every": 50},
         "loss": {"kind": "sigmoid"}}, dry))
     root = Path(tempfile.mkdtemp(prefix="resume-"))
     runs = {name: RunStore(root / name).add_trial(trial) for name in ("straight", "again", "killed")}
     for name in ("straight", "again"):
-        done = trial_process(runs[name].path)
-        assert done.wait(timeout=120) == 0, done.stderr.read().decode() if done.stderr else ""
+        finished(trial_process(runs[name].path), runs[name].path, 120)
     proc = trial_process(runs["killed"].path)
     kill_after = steps // 2
     deadline = time.time() + 90
@@ -127,8 +134,7 @@ def part_resume(device: torch.device, dry: bool) -> dict[str, Any]:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     killed_at = recorded_step(runs["killed"].path)
-    rerun = trial_process(runs["killed"].path)
-    assert rerun.wait(timeout=120) == 0, rerun.stderr.read().decode() if rerun.stderr else ""
+    finished(trial_process(runs["killed"].path), runs["killed"].path, 120)
 
     timing = ("step_time_s", "device_step_time_s", "peak_memory_gib")
     frames = {name: ts.metrics().drop([c for c in timing if c in ts.metrics().columns])
@@ -163,9 +169,22 @@ def trainer_for(values: dict[str, Any], device: torch.device) -> Any:
 
     trial = as_trial(values)
     trainer = Trainer.build(trial, Ranks(), device, Path(tempfile.mkdtemp(prefix="trainer-")))
-    batch = trainer.dataset.train_batch(1, trial.config.train.batch_size, trainer.local)
-    trainer.dataset.train_batch = lambda step, size, rows=slice(None): batch  # type: ignore[method-assign]
+    trainer.dataset = OneBatch(trainer.dataset, trainer.dataset.train_batch(
+        1, trial.config.train.batch_size, trainer.local))
     return trainer
+
+
+class OneBatch:
+    """A dataset that answers every training step with the same batch (and is otherwise `dataset`)."""
+
+    def __init__(self, dataset: Any, batch: Any) -> None:
+        self._dataset, self._batch = dataset, batch
+
+    def train_batch(self, step: int, batch_size: int, rows: slice = slice(None), **_: Any) -> Any:
+        return self._batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dataset, name)
 
 
 def time_steps(trainer: Any, warmup: int, steps: int) -> dict[str, float]:
@@ -293,12 +312,13 @@ def part_losses(device: torch.device, dry: bool) -> dict[str, Any]:
 
 
 def part_syncs(device: torch.device, dry: bool) -> dict[str, Any]:
+    batch = 32 if dry else 256  # fp16 matmuls on a CPU are slow
     cases = {"plain": {}, "fp16 micro-batched clipped": {
-        "train": {"precision": "fp16", "micro_batch_size": 64}, "optim": {"grad_clip": 1.0}}}
+        "train": {"precision": "fp16", "micro_batch_size": batch // 4}, "optim": {"grad_clip": 1.0}}}
     results: dict[str, Any] = {}
     for name, options in cases.items():
         values = {"model": TINY_MODEL, "data": {"eval_images": 64},
-                  "train": {"batch_size": 256, "examples_seen": 256 * 100, **options.get("train", {})},
+                  "train": {"batch_size": batch, "examples_seen": batch * 100, **options.get("train", {})},
                   "optim": options.get("optim", {})}
         trainer = trainer_for(on_device(values, dry), device)
         rows = trainer.rows()

@@ -31,7 +31,7 @@ from scalestudy.train.gradcache import cached_gradient_step
 from scalestudy.train.loop import Trainer, first_diverged, micro_batch, run_trial
 from scalestudy.train.models import TwoTower
 from scalestudy.train.monitors import SpikeDetector
-from scalestudy.train.precision import Precision
+from scalestudy.train.precision import MAX_OVERFLOW_RUN, OverflowRun, Precision
 from scalestudy.train.ranks import Ranks
 from scalestudy.train.summary import summarize, throughput_figures
 from scalestudy.train.throughput import (
@@ -200,9 +200,18 @@ def test_an_fp16_overflow_skips_the_step_and_halves_the_scale_but_never_halts_th
     assert trainer.optimizer.state[trainer.params[0]]["step"].item() == 0
 
     row = {"loss": metrics["loss"].item(), "grad_norm": math.inf, "grad_overflow": True}
-    assert first_diverged([row]) is None
-    assert first_diverged([{**row, "loss": math.nan}]) == 0  # a non-finite loss still ends it
-    assert first_diverged([{"loss": 1.0, "grad_norm": math.inf}]) == 0  # and so does inf in fp32
+    assert first_diverged([row], OverflowRun()) is None
+    assert first_diverged([{**row, "loss": math.nan}], OverflowRun()) == 0  # a NaN loss still ends it
+    assert first_diverged([{"loss": 1.0, "grad_norm": math.inf}], OverflowRun()) == 0  # as in fp32
+
+
+def test_overflows_that_never_end_are_divergence_after_64_steps_in_a_row():
+    overflow = {"loss": 1.0, "grad_norm": math.nan, "grad_overflow": True}
+    clean = {"loss": 1.0, "grad_norm": 1.0, "grad_overflow": False}
+    run = OverflowRun()
+    # Counted across flushes; a clean step starts the count again.
+    assert first_diverged([overflow] * 40 + [clean] + [overflow] * 30, run) is None
+    assert first_diverged([overflow] * 40, run) == 33 and MAX_OVERFLOW_RUN == 64  # 30 + 34
 
 
 def naive_finite_spikes(series: list[float], threshold: float, window: int) -> list[float | None]:

@@ -47,7 +47,7 @@ from scalestudy.train.gradcache import cached_gradient_step
 from scalestudy.train.models import TwoTower
 from scalestudy.train.monitors import GradNorms, SpikeDetector, UpdateNorm, UpdateRMS, logit_means
 from scalestudy.train.optim import NonFiniteGate, lr_at, make_optimizer
-from scalestudy.train.precision import Precision
+from scalestudy.train.precision import OverflowRun, Precision
 from scalestudy.train.recorder import DeviceRows, first_bad
 from scalestudy.train.throughput import DeviceClock, peak_flops, peak_memory_bytes
 from scalestudy.train.tokenizers import Tokenizer, make_tokenizer
@@ -66,11 +66,16 @@ def is_due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-def first_diverged(rows: list[dict[str, Any]]) -> int | None:
+def first_diverged(rows: list[dict[str, Any]], overflows: OverflowRun) -> int | None:
     """The first row that ends the trial: a non-finite loss or grad norm (`first_bad`), except that
     an fp16 step whose gradients overflowed (`grad_overflow`) is judged by its loss alone: the loss
-    scaler skipped that step and lowered the scale (train.precision), which is no divergence."""
-    return first_bad([{"loss": row["loss"]} if row.get("grad_overflow") else row for row in rows])
+    scaler skipped that step and lowered the scale (train.precision), which is no divergence —
+    unless the overflows go on for MAX_OVERFLOW_RUN steps in a row."""
+    for i, row in enumerate(rows):
+        skipped = bool(row.get("grad_overflow"))
+        if first_bad([{"loss": row["loss"]} if skipped else row]) is not None or overflows.endless(skipped):
+            return i
+    return None
 
 
 @contextmanager
@@ -425,7 +430,7 @@ def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Rank
         return wall_before + time.time() - attempt_start
 
     pending = trainer.rows()
-    clock = DeviceClock(device)
+    clock, overflows = DeviceClock(device), OverflowRun()
     last_flush = time.time()
 
     def flush() -> int | None:
@@ -442,7 +447,7 @@ def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Rank
             row["peak_memory_gib"] = memory_gib
             if "grad_overflow" in row:
                 row["grad_overflow"] = bool(row["grad_overflow"])
-        bad = first_diverged(rows)
+        bad = first_diverged(rows, overflows)
         diverged = None if bad is None else int(rows[bad]["step"])
         if bad is not None:
             rows = rows[:bad + 1]  # the trial stopped there; later steps changed nothing

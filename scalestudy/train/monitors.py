@@ -285,22 +285,24 @@ class UpdateRMS:
 
     def _rms(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], beta2: float,
              eps: float) -> torch.Tensor:
-        """`optim.update_rms` for torch AdamW's state, in five passes over the parameters instead
-        of eight: with w = β2·v_{t−1} + (1−β2)·g_t² (one lerp) and c = 1 − β2^t, RMS_t² =
-        mean(g²/max(w/c, ε²)) = c·mean(g²/max(w, c·ε²)), and the per-tensor factors c, 1/numel
-        and the square root act on one vector of per-tensor sums."""
+        """`optim.update_rms` for torch AdamW's state in five passes over the parameters (it takes
+        eight), with no pass for g² alone: with w = v_{t−1} + (1−β2)/β2·g_t² (one addcmul; β2·w is
+        Adam's new second moment) and c = 1 − β2^t, u_t = β2·w/c, so
+        RMS_t² = mean(g²/max(u_t, ε²)) = (c/β2)·mean((g/√max(w, c·ε²/β2))²):
+        a floor, a square root, a division and a 2-norm (β2 > 0, as optim.beta2 requires). The
+        per-tensor factors act on one vector of per-tensor norms."""
         grads = [p.grad for p in params]
         states = [optimizer.state.get(p) for p in params]
         # Before the first step there is no state: v_0 = 0 and t − 1 = 0.
         exp_avg_sqs = [s["exp_avg_sq"] if s else torch.zeros_like(p) for s, p in zip(states, params)]
         steps = torch.stack([s["step"] if s else p.new_zeros(()) for s, p in zip(states, params)])
         correction = bias_corrections([steps + 1], beta2)[0]
-        squares = torch._foreach_mul(grads, grads)  # type: ignore[arg-type]
-        w = torch._foreach_lerp(exp_avg_sqs, squares, 1 - beta2)
-        torch._foreach_maximum_(w, list((correction * eps**2).unbind()))
-        torch._foreach_div_(squares, w)
-        sums = torch.stack(torch._foreach_norm(squares, 1))  # L1 = sum: the ratios are ≥ 0
-        return (sums * correction / self._numels(params)).sqrt()
+        w = torch._foreach_addcmul(exp_avg_sqs, grads, grads, (1 - beta2) / beta2)  # type: ignore[arg-type]
+        torch._foreach_maximum_(w, list((correction * (eps**2 / beta2)).unbind()))
+        torch._foreach_sqrt_(w)
+        scaled = torch._foreach_div(grads, w)  # type: ignore[arg-type]
+        norms = torch.stack(torch._foreach_norm(scaled))
+        return norms * (correction / (beta2 * self._numels(params))).sqrt()
 
     def _numels(self, params: list[nn.Parameter]) -> torch.Tensor:
         """Element counts of `params` as a device vector, made once per parameter set (a fresh

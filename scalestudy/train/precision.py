@@ -33,6 +33,10 @@ from typing import Any
 import torch
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16: this many overflow steps in a row are no overflow any more. Each halves the scale, and
+# fp16 spans 2^40 (2^-24 … 2^16), so after 64 halvings from GradScaler's 2^16 no finite gradient
+# can overflow: the gradients are NaN whatever the scale, and the trial has diverged.
+MAX_OVERFLOW_RUN = 64
 
 
 def use_tf32_matmuls(enabled: bool) -> None:
@@ -112,3 +116,16 @@ class Precision:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+class OverflowRun:
+    """Consecutive fp16 overflow steps, counted on the host as the rows are flushed (within one
+    attempt: a resumed trial starts counting again)."""
+
+    def __init__(self) -> None:
+        self.length = 0
+
+    def endless(self, overflowed: bool) -> bool:
+        """Count one step; whether the run has reached MAX_OVERFLOW_RUN."""
+        self.length = self.length + 1 if overflowed else 0
+        return self.length >= MAX_OVERFLOW_RUN

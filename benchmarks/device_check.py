@@ -43,9 +43,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scalestudy.expand import derive, trial_id  # noqa: E402
-from scalestudy.spec import TrialConfig  # noqa: E402
-from scalestudy.store import RunStore, Trial  # noqa: E402
+from scalestudy.expand import derive, trial_id
+from scalestudy.spec import TrialConfig
+from scalestudy.store import RunStore, Trial
 
 TINY_MODEL = {"width": 32, "depth": 1, "heads": 2, "embed_dim": 32}
 
@@ -77,7 +77,7 @@ class Timer:
         self.start = time.perf_counter()
         return self
 
-    def __exit__(self, *_: Any) -> None:
+    def __exit__(self, *_: object) -> None:
         if self.cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -276,7 +276,8 @@ def part_losses(device: torch.device, dry: bool) -> dict[str, Any]:
                            ("softmax naive", None), ("softmax streaming", chunk)):
             key = f"B={batch} {name}" + (f" c={size}" if size else "")
 
-            def run() -> float:
+            def run(x: torch.Tensor = x, y: torch.Tensor = y, name: str = name,
+                    size: int | None = size) -> float:
                 image, text = x.detach().requires_grad_(), y.detach().requires_grad_()
                 scale = torch.tensor(10.0, device=device, requires_grad=True)
                 if name.startswith("sigmoid"):
@@ -362,7 +363,10 @@ def free_port() -> int:
 def part_distributed(device: torch.device, dry: bool) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from scalestudy.distributed_losses import distributed_sigmoid_loss, distributed_softmax_loss
+    from scalestudy.distributed_losses import (
+        distributed_sigmoid_loss,
+        distributed_softmax_loss,
+    )
     from scalestudy.losses import sigmoid_loss, softmax_loss
 
     if device.type == "cuda":

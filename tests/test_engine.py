@@ -190,7 +190,7 @@ def test_an_fp16_overflow_skips_the_step_and_halves_the_scale_but_never_halts_th
     trainer.precision.load_state_dict({"scale": 2.0**40, "growth_factor": 2.0, "backoff_factor": 0.5,
                                        "growth_interval": 2000, "_growth_tracker": 0})
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    host, metrics = trainer.step(1)
+    _, metrics = trainer.step(1)
     assert bool(metrics["grad_overflow"]) and not math.isfinite(metrics["grad_norm"].item())
     assert math.isfinite(metrics["loss"].item())
     for name, param in trainer.model.named_parameters():  # the optimizer skipped the step

@@ -286,7 +286,7 @@ def part_losses(device: torch.device, dry: bool) -> dict[str, Any]:
                 else:
                     loss = softmax_loss(image, text, scale, size)
                 loss.backward()
-                return float(loss)
+                return float(loss.detach())
 
             try:
                 run()  # warm-up

@@ -785,6 +785,18 @@ class TrialConfig(Spec):
         return self
 
     @model_validator(mode="after")
+    def _micro_batches_tile_each_rank(self) -> TrialConfig:
+        micro, ranks = self.train.micro_batch_size, self.resources.world_size
+        rows = self.train.batch_size // ranks
+        if micro is not None and micro < rows and rows % micro:
+            raise ValueError(
+                f"train.micro_batch_size={micro} must divide the {rows} rows each of the {ranks} "
+                f"data-parallel ranks trains (train.batch_size / ranks); use a divisor of {rows}, "
+                "or resources with fewer ranks"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _cuda_needs_gpus(self) -> TrialConfig:
         if self.train.device == "cuda" and self.resources.gpus == 0:
             raise ValueError(

@@ -28,7 +28,8 @@ from scalestudy.store import RunStore, Trial, TrialStore
 from scalestudy.train import loop
 from scalestudy.train.data import normalize
 from scalestudy.train.gradcache import cached_gradient_step
-from scalestudy.train.loop import Trainer, first_diverged, micro_batch, run_trial
+from scalestudy.train.loop import Trainer, micro_batch, run_trial
+from scalestudy.train.recorder import first_bad
 from scalestudy.train.models import TwoTower
 from scalestudy.train.monitors import SpikeDetector
 from scalestudy.train.precision import MAX_OVERFLOW_RUN, OverflowRun, Precision
@@ -89,11 +90,12 @@ def test_a_micro_batch_that_does_not_divide_the_batch_is_refused_with_divisors_t
 
 
 def test_a_micro_batch_must_divide_the_rows_of_each_rank_and_above_them_changes_nothing():
-    assert micro_batch(None, 32, 1) is None and micro_batch(64, 32, 2) is None
-    assert micro_batch(32, 32, 1) is None and micro_batch(8, 32, 2) == 8
-    with pytest.raises(ValueError, match=r"micro_batch_size=12 must divide the 32 rows each of "
-                                         r"the 2 data-parallel ranks"):
-        micro_batch(12, 32, 2)
+    assert micro_batch(None, 32) is None and micro_batch(64, 32) is None
+    assert micro_batch(32, 32) is None and micro_batch(8, 32) == 8
+    # 32 divides the batch of 96 but not the 48 rows each of 2 ranks trains.
+    with pytest.raises(ValidationError, match=r"micro_batch_size=32 must divide the 48 rows each of "
+                                              r"the 2 data-parallel ranks"):
+        config(train={"batch_size": 96, "micro_batch_size": 32}, resources={"workers": 2})
 
 
 # --- gradient caching -------------------------------------------------------------------------
@@ -200,9 +202,9 @@ def test_an_fp16_overflow_skips_the_step_and_halves_the_scale_but_never_halts_th
     assert trainer.optimizer.state[trainer.params[0]]["step"].item() == 0
 
     row = {"loss": metrics["loss"].item(), "grad_norm": math.inf, "grad_overflow": True}
-    assert first_diverged([row], OverflowRun()) is None
-    assert first_diverged([{**row, "loss": math.nan}], OverflowRun()) == 0  # a NaN loss still ends it
-    assert first_diverged([{"loss": 1.0, "grad_norm": math.inf}], OverflowRun()) == 0  # as in fp32
+    assert first_bad([row], OverflowRun()) is None
+    assert first_bad([{**row, "loss": math.nan}], OverflowRun()) == 0  # a NaN loss still ends it
+    assert first_bad([{"loss": 1.0, "grad_norm": math.inf}], OverflowRun()) == 0  # as in fp32
 
 
 def test_overflows_that_never_end_are_divergence_after_64_steps_in_a_row():
@@ -210,8 +212,8 @@ def test_overflows_that_never_end_are_divergence_after_64_steps_in_a_row():
     clean = {"loss": 1.0, "grad_norm": 1.0, "grad_overflow": False}
     run = OverflowRun()
     # Counted across flushes; a clean step starts the count again.
-    assert first_diverged([overflow] * 40 + [clean] + [overflow] * 30, run) is None
-    assert first_diverged([overflow] * 40, run) == 33 and MAX_OVERFLOW_RUN == 64  # 30 + 34
+    assert first_bad([overflow] * 40 + [clean] + [overflow] * 30, run) is None
+    assert first_bad([overflow] * 40, run) == 33 and MAX_OVERFLOW_RUN == 64  # 30 + 34
 
 
 def naive_finite_spikes(series: list[float], threshold: float, window: int) -> list[float | None]:

@@ -66,18 +66,6 @@ def is_due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-def first_diverged(rows: list[dict[str, Any]], overflows: OverflowRun) -> int | None:
-    """The first row that ends the trial: a non-finite loss or grad norm (`first_bad`), except that
-    an fp16 step whose gradients overflowed (`grad_overflow`) is judged by its loss alone: the loss
-    scaler skipped that step and lowered the scale (train.precision), which is no divergence —
-    unless the overflows go on for MAX_OVERFLOW_RUN steps in a row."""
-    for i, row in enumerate(rows):
-        skipped = bool(row.get("grad_overflow"))
-        if first_bad([{"loss": row["loss"]} if skipped else row]) is not None or overflows.endless(skipped):
-            return i
-    return None
-
-
 @contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     """Turn SIGTERM/SIGINT into a flag the loop checks between steps (only in the main thread)."""
@@ -250,7 +238,7 @@ class Trainer:
             dataset=dataset,
             local=slice(ranks.rank * batch // ranks.world, (ranks.rank + 1) * batch // ranks.world),
             precision=precision,
-            micro_batch=micro_batch(cfg.train.micro_batch_size, batch // ranks.world, ranks.world),
+            micro_batch=micro_batch(cfg.train.micro_batch_size, batch // ranks.world),
             features=features,
         )
 
@@ -371,16 +359,11 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def micro_batch(micro_batch_size: int | None, local_rows: int, world: int) -> int | None:
-    """Rows per gradient-caching pass on a rank with `local_rows` rows, or None for one pass."""
+def micro_batch(micro_batch_size: int | None, local_rows: int) -> int | None:
+    """Rows per gradient-caching pass on a rank with `local_rows` rows, or None for one pass (the
+    spec has checked that a smaller micro-batch divides the rows)."""
     if micro_batch_size is None or micro_batch_size >= local_rows:
         return None
-    if local_rows % micro_batch_size:
-        raise ValueError(
-            f"train.micro_batch_size={micro_batch_size} must divide the {local_rows} rows each of "
-            f"the {world} data-parallel ranks trains (train.batch_size / ranks); use a divisor "
-            f"of {local_rows}, or resources with fewer ranks"
-        )
     return micro_batch_size
 
 
@@ -445,9 +428,7 @@ def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Rank
         for row in rows:
             row["device_step_time_s"] = None if window_s is None else window_s / len(rows)
             row["peak_memory_gib"] = memory_gib
-            if "grad_overflow" in row:
-                row["grad_overflow"] = bool(row["grad_overflow"])
-        bad = first_diverged(rows, overflows)
+        bad = first_bad(rows, overflows)
         diverged = None if bad is None else int(rows[bad]["step"])
         if bad is not None:
             rows = rows[:bad + 1]  # the trial stopped there; later steps changed nothing

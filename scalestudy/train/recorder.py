@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from scalestudy.train.precision import OverflowRun
+
 # Row columns the host turns from their stacked float form back into what they are.
-BOOL_COLUMNS = frozenset({"is_spike", "is_loss_spike"})
+BOOL_COLUMNS = frozenset({"is_spike", "is_loss_spike", "grad_overflow"})
 NULL_IF_NAN = frozenset({"spike_ratio", "loss_spike_ratio", "rms_bias", "rms_temperature"})
 # A step is bad when one of these is not finite.
 MUST_BE_FINITE = ("loss", "grad_norm")
@@ -77,9 +79,17 @@ class DeviceRows:
         return rows
 
 
-def first_bad(rows: Sequence[Mapping[str, Any]]) -> int | None:
-    """The index of the first row whose loss or gradient norm is not finite, or None."""
+def first_bad(rows: Sequence[Mapping[str, Any]], overflows: OverflowRun | None = None) -> int | None:
+    """The index of the first row that ends the trial, or None: a non-finite loss or gradient norm,
+    except that an fp16 step whose gradients overflowed (`grad_overflow`) is judged by its loss
+    alone — the loss scaler skipped that step and lowered the scale (train.precision), which is no
+    divergence — unless the overflows go on for MAX_OVERFLOW_RUN steps in a row (`overflows`
+    counts them across flushes)."""
     for i, row in enumerate(rows):
-        if not all(math.isfinite(row.get(column, 0.0)) for column in MUST_BE_FINITE):
+        skipped = bool(row.get("grad_overflow"))
+        checked = ("loss",) if skipped else MUST_BE_FINITE
+        if not all(math.isfinite(row.get(column, 0.0)) for column in checked):
+            return i
+        if overflows is not None and overflows.endless(skipped):
             return i
     return None

@@ -154,7 +154,8 @@ class OverviewView {
       { key: "best_zeroshot_top1", label: "best top-1" }, { key: "spike_count", label: "grad-norm spikes" },
       { key: "max_spike_ratio", label: "max spike ratio" }, { key: "first_spike_step", label: "first spike" },
       { key: "loss_spike_count", label: "loss spikes" }, { key: "first_loss_spike_step", label: "first loss spike" },
-      { key: "stalled", label: "stalled" },
+      { key: "stalled", label: "stalled" }, { key: "samples_per_s", label: "samples/s" },
+      { key: "mfu", label: "MFU" }, { key: "peak_memory_gib", label: "peak memory (GiB)" },
     ];
   }
 
@@ -198,7 +199,7 @@ class OverviewView {
         const frac = row.steps ? Math.min(1, (row.step || 0) / row.steps) : 0;
         return `<div class="bar"><span style="width:${(100 * frac).toFixed(1)}%"></span></div> ${fmt(row.step || 0)}/${fmt(row.steps)}`;
       }
-      case "zeroshot_top1": case "best_zeroshot_top1": return pct(v);
+      case "zeroshot_top1": case "best_zeroshot_top1": case "mfu": return pct(v);
       case "max_spike_ratio": return v === null ? "–" : formatValue(v) + "×";
       case "stalled": return v === null || v === undefined ? "–" : v ? `<span class="flag">stalled</span>` : "no";
       default: return escapeHtml(fmt(v));

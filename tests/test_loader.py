@@ -351,7 +351,8 @@ class ThreadCounts:
     mean = std = (0.5, 0.5, 0.5)
     classes = ()
 
-    def train_batch(self, step: int, batch_size: int, rows: slice = slice(None)) -> Batch:
+    def train_batch(self, step: int, batch_size: int, rows: slice = slice(None),
+                    images: bool = True) -> Batch:
         n = len(range(*rows.indices(batch_size)))
         return Batch(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), [""] * n, torch.full((n,), torch.get_num_threads()))
 

@@ -70,7 +70,7 @@ def test_a_trial_killed_and_run_again_ends_with_the_uninterrupted_history(case, 
     assert trial_process(interrupted.path).wait(timeout=300) == 0
 
     assert state_of(interrupted.path)["attempts"] == 2
-    compare = pl.exclude("step_time_s")
+    compare = pl.exclude("step_time_s", "device_step_time_s", "peak_memory_gib")  # timing and memory are the machine's
     assert interrupted.metrics()["step"].to_list() == list(range(1, STEPS + 1))
     assert straight.metrics().select(compare).equals(interrupted.metrics().select(compare))
     assert straight.evals().equals(interrupted.evals())

@@ -207,5 +207,5 @@ def test_without_extended_monitors_the_stored_history_has_only_the_always_on_col
     assert ts.state().status == "done"
     assert set(metrics.columns) == ALWAYS | FLUSHED
     assert metrics.height == trial.derived.steps
-    assert metrics.select(sorted(ALWAYS | {"peak_memory_gib"} - {"bias", "spike_ratio", "loss_spike_ratio"})
+    assert metrics.select(sorted((ALWAYS | {"peak_memory_gib"}) - {"bias", "spike_ratio", "loss_spike_ratio"})
                           ).null_count().sum_horizontal().item() == 0

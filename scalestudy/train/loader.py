@@ -38,9 +38,10 @@ class StepRows(NamedTuple):
     """What a worker sends back for one step (a named tuple, so DataLoader pins its tensors)."""
 
     step: int
-    images: torch.Tensor
+    images: torch.Tensor | None  # None: a batch of pool indices only (cached image features)
     captions: list[str]
     labels: torch.Tensor
+    index: torch.Tensor | None  # each row's item of a finite pool (Batch.index)
     skips: Any  # the worker's dataset's skip_report() (None for a dataset that skips nothing)
 
 
@@ -61,13 +62,13 @@ class ReportsSkips(Protocol):
 class StepDataset(TorchDataset[StepRows]):
     """A map-style dataset whose index is the step: item s is `rows` of global batch s."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, rows: slice) -> None:
-        self.dataset, self.batch_size, self.rows = dataset, batch_size, rows
+    def __init__(self, dataset: Dataset, batch_size: int, rows: slice, images: bool = True) -> None:
+        self.dataset, self.batch_size, self.rows, self.images = dataset, batch_size, rows, images
 
     def __getitem__(self, step: int) -> StepRows:
-        batch = self.dataset.train_batch(step, self.batch_size, self.rows)
+        batch = self.dataset.train_batch(step, self.batch_size, self.rows, images=self.images)
         skips = self.dataset.skip_report() if isinstance(self.dataset, ReportsSkips) else None
-        return StepRows(step, batch.images, batch.captions, batch.labels, skips)
+        return StepRows(step, batch.images, batch.captions, batch.labels, batch.index, skips)
 
 
 def _as_built(rows: StepRows) -> StepRows:
@@ -122,19 +123,21 @@ def _failure(err: Exception, step: int, workers: int, timeout_s: float) -> DataW
 
 def train_batches(
     dataset: Dataset, batch_size: int, rows: slice, start: int, end: int, workers: int = 0,
-    pin_memory: bool = False, timeout_s: float = 600.0,
+    pin_memory: bool = False, timeout_s: float = 600.0, images: bool = True,
 ) -> Iterator[tuple[int, Batch]]:
     """(step, this rank's rows of the global batch) for steps start + 1 … end, in order.
 
-    Close the iterator (contextlib.closing) when the loop stops early, so the workers end at once.
+    `images=False` builds batches of pool indices without images (a locked tower's cached
+    features stand in for them). Close the iterator (contextlib.closing) when the loop stops
+    early, so the workers end at once.
     """
     steps = range(start + 1, end + 1)
     if workers == 0 or not steps:  # a trial resumed at its last step starts no worker
         for step in steps:
-            yield step, dataset.train_batch(step, batch_size, rows)
+            yield step, dataset.train_batch(step, batch_size, rows, images=images)
         return
     loader = DataLoader(
-        StepDataset(dataset, batch_size, rows), batch_size=None, sampler=steps, num_workers=workers,
+        StepDataset(dataset, batch_size, rows, images), batch_size=None, sampler=steps, num_workers=workers,
         collate_fn=_as_built, pin_memory=pin_memory, timeout=timeout_s, worker_init_fn=_ignore_stop_signals,
         # DataLoader draws its workers' base seed from this generator; without one it would draw
         # from the global RNG and shift the trial's random state by where the loader started.
@@ -151,6 +154,6 @@ def train_batches(
                 raise DataWorkersFailed(f"the data workers sent step {got.step}'s batch when step {step} was due")
             if got.skips and isinstance(dataset, ReportsSkips):
                 dataset.add_skip_report(got.skips)
-            yield step, Batch(got.images, got.captions, got.labels)
+            yield step, Batch(got.images, got.captions, got.labels, got.index)
     finally:
         _end_workers(batches)

@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,9 @@ from scalestudy.store import Status, Trial, TrialStore
 from scalestudy.store.sink import StoreSink
 from scalestudy.train import lit
 from scalestudy.train import ranks as rk
-from scalestudy.train.data import dup_caption_rate, normalize
+from scalestudy.train.data import Batch, dup_caption_rate, normalize
 from scalestudy.train.datasets import make_dataset
+from scalestudy.train.loader import train_batches
 from scalestudy.train.evaluate import evaluate
 from scalestudy.train.gradcache import cached_gradient_step
 from scalestudy.train.models import TwoTower
@@ -214,7 +215,7 @@ class Trainer:
                          cfg.loss.learn_temperature, cfg.loss.max_temperature).to(device)
         # LiT (scalestudy.train.lit): model.image_init's tower, and a locked tower's cached features.
         lit.init_image_tower(model, cfg.model, cfg.data.image_size)
-        dataset = make_dataset(cfg.data, cfg.train.seed)
+        dataset = make_dataset(cfg.data, cfg.train.seed, run_dir / "cache")  # real data: one index per run
         features = lit.cached_image_features(model, cfg, dataset, run_dir, device, ranks)
         core = model if features is None else lit.LockedImageForward(model, features)
         # DDP averages gradients over ranks; the distributed losses are written for that convention.
@@ -245,15 +246,27 @@ class Trainer:
     def rows(self) -> DeviceRows:
         return DeviceRows(self.update_rms.names if self.update_rms else ())
 
-    def step(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """One optimisation step; returns its host values and its device metrics (no host sync)."""
+    def batches(self, start: int) -> Iterator[tuple[int, Batch]]:
+        """This rank's rows of the global batches of steps start + 1 … end, built in
+        data.workers worker processes (or here), pinned for a CUDA copy."""
+        cfg = self.trial.config
+        return train_batches(self.dataset, cfg.train.batch_size, self.local, start,
+                             self.trial.derived.steps, workers=cfg.data.workers,
+                             pin_memory=self.device.type == "cuda",
+                             timeout_s=cfg.data.worker_timeout_s, images=self.features is None)
+
+    def step(self, step: int, batch: Batch | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """One optimisation step on this rank's rows `batch` of global batch `step` (built here when
+        not given, as the loader would); returns its host values and its device metrics (no host
+        sync)."""
         cfg = self.trial.config
         model, optimizer = self.model, self.optimizer
         lr = lr_at(step, self.trial.derived, cfg.optim.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # optim.scalar_lr's group: its own LR
         cached = self.features is not None  # LiT: rows of the feature table, not images
-        batch = self.dataset.train_batch(step, cfg.train.batch_size, self.local, images=not cached)
+        if batch is None:
+            batch = self.dataset.train_batch(step, cfg.train.batch_size, self.local, images=not cached)
         # uint8 over the wire (a quarter of float32's bytes), normalised on the device.
         images = (batch.index.to(self.device, non_blocking=True) if cached else
                   normalize(batch.images.to(self.device, non_blocking=True), self.dataset.mean,
@@ -382,7 +395,7 @@ def trial_tokenizer(cfg: TrialConfig, run_dir: Path) -> Tokenizer:
     key = hashlib.sha256(f"{cfg.data.model_dump_json()}|{spec.vocab_size}".encode()).hexdigest()[:12]
 
     def captions() -> Iterator[str]:
-        sample = make_dataset(cfg.data, seed=0)
+        sample = make_dataset(cfg.data, seed=0, cache=run_dir / "cache")
         for step in range(1, BPE_SAMPLE_BATCHES + 1):
             yield from sample.train_captions(step, BPE_SAMPLE_BATCH)
 
@@ -442,32 +455,33 @@ def train(store: TrialStore, trial: Trial, stop: threading.Event, ranks: rk.Rank
     diverged_at: int | None = None
     tick = time.perf_counter()
     try:
-        for step in range(start + 1, derived.steps + 1):
-            clock.start()
-            host, metrics = trainer.step(step)
-            now = time.perf_counter()
-            host["step_time_s"], tick = now - tick, now
-            pending.append(host, metrics)
-            due_eval = is_due(step, cfg.train.eval_every, derived.steps)
-            due_checkpoint = is_due(step, cfg.train.checkpoint_every, derived.steps)
-            if distributed:
-                check = step % RANKS_CHECK_EVERY == 0 or due_eval or due_checkpoint
-                if check and rk.any_rank(stop.is_set(), device):
-                    stop.set()
-            else:
-                check = (due_eval or due_checkpoint or stop.is_set()
-                         or time.time() - last_flush > FLUSH_EVERY_S)
-            if not check:
-                continue
-            diverged_at = flush()
-            if diverged_at is not None:
-                break
-            if due_eval and leader:
-                sinks.log(step, trainer.evaluate(step))
-            if (due_checkpoint or stop.is_set()) and leader:
-                store.save_checkpoint(trainer.state_dict(step, elapsed()))
-            if stop.is_set() and step < derived.steps:
-                raise Preempted(f"stopped at step {step}")
+        with closing(trainer.batches(start)) as batches:  # closing: the data workers end with it
+            for step, batch in batches:
+                clock.start()
+                host, metrics = trainer.step(step, batch)
+                now = time.perf_counter()
+                host["step_time_s"], tick = now - tick, now
+                pending.append(host, metrics)
+                due_eval = is_due(step, cfg.train.eval_every, derived.steps)
+                due_checkpoint = is_due(step, cfg.train.checkpoint_every, derived.steps)
+                if distributed:
+                    check = step % RANKS_CHECK_EVERY == 0 or due_eval or due_checkpoint
+                    if check and rk.any_rank(stop.is_set(), device):
+                        stop.set()
+                else:
+                    check = (due_eval or due_checkpoint or stop.is_set()
+                             or time.time() - last_flush > FLUSH_EVERY_S)
+                if not check:
+                    continue
+                diverged_at = flush()
+                if diverged_at is not None:
+                    break
+                if due_eval and leader:
+                    sinks.log(step, trainer.evaluate(step))
+                if (due_checkpoint or stop.is_set()) and leader:
+                    store.save_checkpoint(trainer.state_dict(step, elapsed()))
+                if stop.is_set() and step < derived.steps:
+                    raise Preempted(f"stopped at step {step}")
         if diverged_at is None:
             diverged_at = flush()
     except BaseException:

@@ -111,6 +111,43 @@ def test_one_jump_above_threshold_times_the_median_is_a_spike(level, before):
     assert flags == [False] * (10 + before) + [True] + [False] * 5
 
 
+def naive_mad_spikes(series: list[float], mads: float, window: int) -> list[bool]:
+    """The robust rule on the host: value − median > mads × 1.4826 × MAD of the previous window."""
+    out, history = [], []
+    for value in series:
+        flag = False
+        if len(history) >= max(1, window // 2):
+            recent = history[-window:]
+            median = statistics.median(recent)
+            mad = statistics.median(abs(x - median) for x in recent)
+            flag = mad > 0 and value - median > mads * 1.4826 * mad
+        out.append(flag)
+        history.append(value)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 50.0, allow_nan=False), max_size=60), st.floats(2.0, 8.0),
+       st.integers(3, 12))
+def test_the_robust_loss_spike_rule_matches_its_definition_step_by_step_and_at_once(series, mads, window):
+    one = SpikeDetector(1.5, window, mads=mads)
+    stepwise = [bool(one.update(torch.tensor(v, dtype=torch.float64))[0]) for v in series]
+    at_once = SpikeDetector(1.5, window, mads=mads).update_many(torch.tensor(series, dtype=torch.float64))[0]
+    assert stepwise == at_once.tolist() == naive_mad_spikes(series, mads, window)
+
+
+def test_the_robust_rule_ignores_a_low_loss_s_relative_noise_and_flags_a_real_jump():
+    # A loss near 0 (a trained softmax) wobbles by large ratios; the ratio rule flags its noise,
+    # the robust rule only a jump far outside it.
+    torch.manual_seed(0)
+    noisy = (0.06 + 0.02 * torch.randn(200, dtype=torch.float64)).clamp(min=0.005).tolist()
+    series = noisy + [3.0] + noisy[:20]
+    ratio_flags = SpikeDetector(1.5, 50).update_many(torch.tensor(series))[0]
+    robust_flags = SpikeDetector(1.5, 50, mads=6.0).update_many(torch.tensor(series))[0]
+    assert ratio_flags[:200].sum() > 10
+    assert robust_flags.nonzero().flatten().tolist() == [200]
+
+
 def test_nothing_is_judged_while_the_window_is_warming_up():
     got = device_spikes([1.0, 100.0, 1.0, 100.0, 1.0, 100.0], 3.0, 10)
     assert got[:5] == [(False, None)] * 5

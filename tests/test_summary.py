@@ -127,6 +127,8 @@ def test_summarize_a_hand_made_history():
         "final_loss": 2.32,  # mean of the last 10 losses
         "no_learning_loss": math.log(8),
         "stalled": True,  # 2.32 ≥ 0.98 · log 8 = 2.038
+        # after the 2 warm-up steps, losses ≥ 2.038: steps 3–10 and 15–17, 11 of 18
+        "collapsed_steps": 11, "collapse_fraction": 11 / 18,
         "zeroshot_top1": 0.25, "zeroshot_top5": 0.55, "zeroshot_chance": 1 / 40,
         "best_zeroshot_top1": 0.30, "retrieval_i2t_r1": 0.22, "retrieval_t2i_r1": 0.21,
         # grad-norm spike at 12: pre-spike median(2.3, 2.2, 2.1, 2.0) = 2.15, back below on 13

@@ -548,6 +548,7 @@ def plot_spike_prediction(agg: Aggregates, out: Path) -> list[Path]:
 LEVEL_TEXT = f"{CI_METHOD.split(' of the mean')[0]} (fractions: Wilson)"
 KNOB_PANELS = (("loss_spike_rate_per_1k", "loss spikes per 1,000 steps", 1.0),
                ("diverged", "fraction diverged (Wilson CI)", 1.0),
+               ("collapse_fraction", "steps at the no-learning loss (%)", 100.0),
                ("zeroshot_top1", "final zero-shot top-1 (%)", 100.0))
 
 

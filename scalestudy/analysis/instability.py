@@ -59,7 +59,7 @@ RMS_COLUMNS = ("rms_max", "rms_patch_embed")
 KNOBS = ("optim.beta2", "optim.kind", "optim.lr", "loss.kind")
 # (column, kind): continuous metrics get paired t-tests, the binary one exact tests.
 KNOB_METRICS = (("loss_spike_rate_per_1k", "continuous"), ("diverged", "binary"),
-                ("zeroshot_top1", "continuous"))
+                ("collapse_fraction", "continuous"), ("zeroshot_top1", "continuous"))
 
 
 def in_store_order(steps: pl.LazyFrame) -> bool:

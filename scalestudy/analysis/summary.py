@@ -235,10 +235,12 @@ def spike_lines(spikes: SpikeAnalysis | None) -> list[str]:
     return lines
 
 
-KNOB_LABELS = {"loss_spike_rate_per_1k": "loss spikes per 1,000 steps", "zeroshot_top1": "zero-shot top-1"}
+KNOB_LABELS = {"loss_spike_rate_per_1k": "loss spikes per 1,000 steps", "zeroshot_top1": "zero-shot top-1",
+               "collapse_fraction": "share of steps at the no-learning loss"}
 # How a clear difference reads, per metric: (value − reference > 0, < 0).
 KNOB_WORDS = {"loss_spike_rate_per_1k": ("more loss spikes", "fewer loss spikes"),
               "diverged": ("diverges more often", "diverges less often"),
+              "collapse_fraction": ("collapses more", "collapses less"),
               "zeroshot_top1": ("more accurate", "less accurate")}
 
 
@@ -254,7 +256,8 @@ def knob_part(row: dict) -> str:
         members = "pairs" if row["paired"] else "trials each"
         return (f"diverged {row['count_value']} vs {row['count_reference']} of {row['n']} {members} "
                 f"({row['method']} p {p_text(row['p'])}, Holm {p_text(row['p_holm'])}): {word}")
-    scale, unit, digits = (100.0, " pp", 1) if metric == "zeroshot_top1" else (1.0, "", 2)
+    scale, unit, digits = ((100.0, " pp", 1) if metric in ("zeroshot_top1", "collapse_fraction")
+                           else (1.0, "", 2))
     how = f"paired over {row['n']}" if row["paired"] else "unpaired, Welch t"
     clear = row["ci_low"] is not None and (row["ci_low"] > 0 or row["ci_high"] < 0)
     if not (sure and clear):

@@ -144,7 +144,9 @@ def synthetic_steps(trial: Trial, steps: int, rng: np.random.Generator, stop: in
     is_spike, spike_ratio = SpikeDetector(monitor.spike_threshold, monitor.spike_window).update_many(
         torch.from_numpy(grad))
     is_loss_spike, loss_spike_ratio = SpikeDetector(
-        monitor.loss_spike_threshold, monitor.loss_spike_window).update_many(torch.from_numpy(loss))
+        monitor.loss_spike_threshold, monitor.loss_spike_window,
+        mads=monitor.loss_spike_mads if monitor.loss_spike_rule == "mad" else None,
+    ).update_many(torch.from_numpy(loss))
     return pl.DataFrame({
         "step": step,
         "examples_seen": step * batch,

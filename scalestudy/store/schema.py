@@ -70,6 +70,8 @@ RESULT_COLUMNS: dict[str, pl.DataType] = {
     "loss_steps_to_recover": pl.Int64(),
     "no_learning_loss": pl.Float64(),
     "stalled": pl.Boolean(),
+    "collapsed_steps": pl.Int64(),
+    "collapse_fraction": pl.Float64(),
     "linear_probe_top1": pl.Float64(),
     "dup_caption_rate": pl.Float64(),
     "diverged": pl.Boolean(),

@@ -231,7 +231,9 @@ class Trainer:
             # fp16 overflow steps have an inf grad norm that must not enter the running median.
             spikes=SpikeDetector(monitor.spike_threshold, monitor.spike_window, device,
                                  skip_non_finite=precision.scaler is not None),
-            loss_spikes=SpikeDetector(monitor.loss_spike_threshold, monitor.loss_spike_window, device),
+            loss_spikes=SpikeDetector(monitor.loss_spike_threshold, monitor.loss_spike_window, device,
+                                      mads=monitor.loss_spike_mads
+                                      if monitor.loss_spike_rule == "mad" else None),
             gate=NonFiniteGate(device),
             updates=UpdateNorm(params) if extended else None,
             update_rms=UpdateRMS(model, optimizer) if extended else None,

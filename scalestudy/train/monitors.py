@@ -111,6 +111,19 @@ def logit_means(
     return positive, negative
 
 
+# 1.4826 × the median absolute deviation estimates the standard deviation of a normal series.
+ROBUST_SD = 1.4826
+
+
+def _sorted_median(ordered: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per row of `ordered` (sorted, its first `counts` entries the values, the rest NaN): the
+    median as statistics.median defines it (the mean of the two middle values for an even count)."""
+    width = ordered.shape[1]
+    low = ordered.gather(1, ((counts - 1) // 2).clamp(min=0, max=width - 1).unsqueeze(1)).squeeze(1)
+    high = ordered.gather(1, (counts // 2).clamp(max=width - 1).unsqueeze(1)).squeeze(1)
+    return (low + high) / 2
+
+
 class SpikeDetector:
     """Flags a value above `threshold` × the running median of the previous `window` values.
 
@@ -127,12 +140,21 @@ class SpikeDetector:
     `skip_non_finite` (fp16 trials, whose overflow steps the loss scaler skips and the trial goes
     on): then a non-finite value is kept out of the median, which is over the finite values among
     the previous `window`, and the warm-up counts finite values too.
+
+    With `mads` set, a spike is instead a value more than `mads` robust standard deviations above
+    the running median: value − median > mads × 1.4826 × MAD, with MAD the median absolute
+    deviation of the same window (1.4826 × MAD estimates a normal series' standard deviation).
+    That rule follows the series' own noise, so it means the same for a loss near its no-learning
+    level and for a loss driven towards 0, where a ratio to the median flags sampling noise (a
+    trained softmax's batch loss reaches 2.3–2.5× its median at B = 128 from sampling alone). The
+    ratio is still returned.
     """
 
     def __init__(self, threshold: float, window: int, device: torch.device | str = "cpu",
-                 skip_non_finite: bool = False) -> None:
+                 skip_non_finite: bool = False, mads: float | None = None) -> None:
         if window < 1:
             raise ValueError(f"SpikeDetector window={window}: use at least 1 value")
+        self.mads = mads
         self.threshold = threshold
         self.window = window
         self.warmup = max(1, window // 2)
@@ -163,13 +185,22 @@ class SpikeDetector:
                 usable = usable & (finite >= self.warmup)
             else:
                 median = (ordered[(seen - 1) // 2] + ordered[seen // 2]) / 2
+            spike = None
+            if self.mads is not None:
+                deviations = (self.history[:seen] - median).abs().unsqueeze(0)
+                counts = torch.isfinite(deviations).sum(1)
+                spread = ROBUST_SD * _sorted_median(deviations.sort(dim=1).values, counts)[0]
+                spike = usable & (spread > 0) & (value - median > self.mads * spread)
             usable = usable & (median > 0)
             ratio = torch.where(usable, value / median, self._nan)
         else:
-            ratio = self._nan.clone()
+            ratio, spike = self._nan.clone(), None
         self.history[self.count % self.window] = self._stored(value)
         self.count += 1
-        return ratio > self.threshold, ratio
+        if self.mads is None:
+            return ratio > self.threshold, ratio
+        return (spike if spike is not None else torch.zeros((), dtype=torch.bool,
+                                                             device=self.history.device)), ratio
 
     @torch.no_grad()
     def update_many(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,16 +226,20 @@ class SpikeDetector:
         if self.skip_non_finite:  # NaN padding and skipped values alike sort last, uncounted
             counts = torch.isfinite(ordered).sum(1)
             usable = usable & (counts >= self.warmup)
-        low = ordered.gather(1, ((counts - 1) // 2).clamp(min=0).unsqueeze(1)).squeeze(1)
-        high = ordered.gather(1, (counts // 2).clamp(max=window - 1).unsqueeze(1)).squeeze(1)
-        median = (low + high) / 2
-        usable = usable & (median > 0) & torch.isfinite(values)
+        median = _sorted_median(ordered, counts)
+        usable = usable & torch.isfinite(values)
+        if self.mads is not None:
+            deviations = (windows - median.unsqueeze(1)).abs()  # NaN padding stays NaN, sorts last
+            spread = ROBUST_SD * _sorted_median(deviations.sort(dim=1).values,
+                                                torch.isfinite(deviations).sum(1))
+            spike = usable & (spread > 0) & (values - median > self.mads * spread)
+        usable = usable & (median > 0)
         ratio = torch.where(usable, values / median, self._nan)
         kept = min(self.count + n, window)
         slots = torch.arange(self.count + n - kept, self.count + n, device=values.device) % window
         self.history.index_copy_(0, slots, series[-kept:])
         self.count += n
-        return ratio > self.threshold, ratio
+        return (ratio > self.threshold if self.mads is None else spike), ratio
 
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors and ints: torch.load(weights_only=True) reads it back."""

@@ -109,6 +109,11 @@ def summarize(
            if steps_done and "dup_caption_rate" in metrics.columns else pl.Series([], dtype=pl.Float64))
     step_time = float(metrics["step_time_s"].sum()) if steps_done else 0.0
     batch = derived.examples_seen // derived.steps
+    # Collapse: at CPU scale an unstable run rarely reaches NaN; it falls back to the no-learning
+    # loss instead, and `stalled` sees only its end. Counted after warm-up, by the same tolerance.
+    trained = metrics.filter(pl.col("step") > derived.warmup_steps) if steps_done else metrics
+    collapsed = (int((trained["loss"] >= (1 - STALL_TOLERANCE) * baseline).sum())
+                 if trained.height and baseline is not None else None)
     summary: dict[str, Any] = {
         "steps": derived.steps,
         "examples_seen": derived.examples_seen,
@@ -116,6 +121,8 @@ def summarize(
         "final_loss": final_loss,
         "no_learning_loss": baseline,
         "stalled": None if final_loss is None else final_loss >= (1 - STALL_TOLERANCE) * baseline,
+        "collapsed_steps": collapsed,
+        "collapse_fraction": None if collapsed is None else collapsed / trained.height,
         "zeroshot_top1": last_eval.get("zeroshot_top1"),
         "zeroshot_top5": last_eval.get("zeroshot_top5"),
         "zeroshot_chance": 1 / num_classes if num_classes else None,

@@ -17,7 +17,7 @@ from tests.conftest import tiny_study
 
 ROOT = Path(__file__).resolve().parent.parent
 # What the package build reads: the sources, the metadata and the readme it names.
-SOURCES = ("pyproject.toml", "README.md", "scalestudy")
+SOURCES = ("pyproject.toml", "README.md", "scalestudy", "studies")
 
 
 def sh(args: list[str | Path], cwd: Path, env: dict[str, str], timeout: float = 600
@@ -29,6 +29,8 @@ def sh(args: list[str | Path], cwd: Path, env: dict[str, str], timeout: float = 
 @pytest.mark.train
 @pytest.mark.timeout(1200)  # two pip installs (from a local index and cache when there is one)
 def test_a_fresh_environment_without_extras_runs_the_local_workflow_and_names_missing_extras(tmp_path):
+    # Issue 15: `pip install scalestudy` alone gives validate, plan, run (local), status and report,
+    # runs the quickstart study, and a command that needs a missing extra names it.
     source = tmp_path / "source"  # a copy, so the build's egg-info and build/ stay out of the checkout
     shutil.copytree(ROOT, source, ignore=lambda folder, names: [
         n for n in names if Path(folder) == ROOT and n not in SOURCES or n == "__pycache__"])
@@ -66,6 +68,13 @@ def test_a_fresh_environment_without_extras_runs_the_local_workflow_and_names_mi
         warnings = [line for line in log.read_text().splitlines() if line.startswith("warning:")]
         assert [w.split("pip install ")[1].split(")")[0] for w in warnings] == \
             ["'scalestudy[tensorboard]'", "'scalestudy[wandb]'", "'scalestudy[mlflow]'"]
+
+    # The quickstart study itself, shrunk by --set to a smoke test, on the local executor.
+    quickstart = sh([scalestudy, "run", source / "studies" / "quickstart.yaml", "--out", "runs",
+                     "--set", "train.examples_seen=256", "--set", "sweep.grid.train.batch_size=[32,64]",
+                     "--set", "data.eval_images=64"], tmp_path, env)
+    assert quickstart.returncode == 0, (quickstart.stdout, quickstart.stderr)
+    assert "4 trials" in quickstart.stdout
 
     for executor in ("ray", "slurm"):
         refused = sh([scalestudy, "run", "study.yaml", "--out", "runs", "--executor", executor],

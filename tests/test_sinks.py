@@ -4,10 +4,12 @@ W&B offline run files and an MLflow file store, against the run directory (the s
 from __future__ import annotations
 
 import json
+import multiprocessing
 import socket
 import struct
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +310,33 @@ def test_tracker_runs_are_named_by_trial_and_told_apart_by_study(write_study, tm
     assert one.wandb_id == again.wandb_id != other.wandb_id
     assert one.wandb_id.startswith(trial.trial_id)
     assert one.tags == trial.swept and one.config["train.batch_size"] == 32
+
+
+def _start_mlflow_run(barrier: Any, trial: TrackedTrial) -> None:
+    from scalestudy.sinks.trackers import MlflowSink
+
+    barrier.wait()
+    MlflowSink(trial).close()
+
+
+def test_trials_starting_together_share_one_mlflow_experiment_in_a_file_store(write_study, trackers):
+    """The file store does not enforce unique experiment names; without the lock, trials that
+    start at the same moment split a study across experiments of the same name."""
+    trials = expand(load_study(write_study(tiny_study())))
+    store = RunStore(trackers.parent / "runs" / "tiny")
+    tracked = [replace(TrackedTrial.of(t, store.add_trial(t).path, "tiny"), trial_id=f"{t.trial_id}-{i}")
+               for t in trials for i in range(4)]
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(len(tracked))
+    workers = [context.Process(target=_start_mlflow_run, args=(barrier, t)) for t in tracked]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0] * len(workers)
+    experiments = mlflow_client().search_experiments(filter_string="name = 'tiny'")
+    assert len(experiments) == 1
+    assert sorted(mlflow_runs("tiny")) == sorted(t.trial_id for t in tracked)
 
 
 def test_monitor_sinks_default_to_none_and_reject_unknown_or_repeated_trackers(write_study, tmp_path):

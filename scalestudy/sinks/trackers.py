@@ -45,10 +45,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from scalestudy.errors import StoreError
 from scalestudy.sinks import EVAL, SUMMARY, MetricsSink, split
 from scalestudy.store import RunStore, Trial, flatten
+from scalestudy.store.files import exclusive
 
 # W&B project when $WANDB_PROJECT is unset (W&B's own default would be "uncategorized").
 WANDB_PROJECT = "scalestudy"
@@ -301,6 +304,19 @@ class MlflowSink:
         self.ended = False
 
     def _experiment(self, name: str) -> str:
+        """The study's experiment, created by whichever trial gets here first.
+
+        A tracking server enforces unique names, so a trial that loses the race finds the
+        winner's. MLflow's file store does not: two trials starting together would each create an
+        experiment of that name and split the study, so there creation holds a lock beside it.
+        """
+        root = file_store_root(self.client.tracking_uri)
+        if root is None:
+            return self._get_or_create(name)
+        with exclusive(root / ".scalestudy-experiments.lock", f"creating MLflow experiment {name!r}"):
+            return self._get_or_create(name)
+
+    def _get_or_create(self, name: str) -> str:
         existing = self.client.get_experiment_by_name(name)
         if existing is not None:
             return str(existing.experiment_id)
@@ -328,6 +344,14 @@ class MlflowSink:
     def close(self) -> None:
         self.flush()
         self.client.set_terminated(self.run_id, "FINISHED" if self.ended else "KILLED")
+
+
+def file_store_root(uri: str) -> Path | None:
+    """The folder of an MLflow file store (`file:` URI or a bare path), or None for other stores."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    return Path(uri) if parsed.scheme == "" else None
 
 
 TRACKERS: dict[str, Callable[[TrackedTrial], MetricsSink]] = {

@@ -6,16 +6,26 @@ a writer killed at any point leaves either the old file or the new one, never ha
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from scalestudy.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+# While another process holds a lock, the waiting one says so this often.
+LOCK_NOTICE_S = 30.0
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -110,3 +120,36 @@ def load_torch(path: Path) -> dict[str, Any]:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@contextmanager
+def exclusive(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on a file (flock) while `what` runs, shared by every process and
+    machine that sees the file.
+
+    On a file system that does not lock (some network mounts) it goes ahead unlocked; callers keep
+    a fallback for that (an atomic rename, a re-read) rather than rely on the lock alone.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        waited, last_notice = 0.0, 0.0
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if waited - last_notice >= LOCK_NOTICE_S:
+                    log.info("waiting %.0f s for another process to finish %s (%s)", waited, what, lock_path)
+                    last_notice = waited
+                time.sleep(0.2)
+                waited += 0.2
+            except OSError as err:
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                log.info("%s cannot be locked (%s); %s without the lock", lock_path, err, what)
+                yield
+                return
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

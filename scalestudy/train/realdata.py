@@ -32,8 +32,6 @@ decoding would.
 from __future__ import annotations
 
 import csv
-import errno
-import fcntl
 import hashlib
 import io
 import itertools
@@ -48,7 +46,6 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +56,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import get_worker_info
 
 from scalestudy.datafiles import class_folders, expand_braces
+from scalestudy.store.files import exclusive
 from scalestudy.spec import DataSpec
 from scalestudy.train.data import Batch, ZeroShotSet, ZeroShotTask, mismatch_captions, random_stream
 
@@ -224,8 +222,6 @@ TAR_BLOCK = 512
 ZERO_BLOCK = bytes(TAR_BLOCK)  # two of them end an archive; tarfile stops at the first
 # Member types whose payload is the file's bytes (tarfile's REGTYPE, AREGTYPE, CONTTYPE).
 TAR_FILE_TYPES = frozenset({b"0", b"\0", b"7"})
-# While another process builds a cached index, the waiting ones say so this often.
-LOCK_NOTICE_S = 30.0
 
 
 class TarFormatError(Exception):
@@ -586,37 +582,6 @@ def index_key(kind: str, paths: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@contextmanager
-def exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a file (flock), shared by every process and machine that sees it.
-
-    On a file system that does not lock (some network mounts) it goes ahead unlocked: then each
-    process may build the same index, and the atomic rename in `cached_index` keeps one.
-    """
-    with open(lock_path, "a") as f:
-        waited, last_notice = 0.0, 0.0
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if waited - last_notice >= LOCK_NOTICE_S:
-                    log.info("waiting %.0f s for another process to finish indexing (%s)", waited, lock_path)
-                    last_notice = waited
-                time.sleep(0.2)
-                waited += 0.2
-            except OSError as err:
-                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                log.info("%s cannot be locked (%s); indexing without the lock", lock_path, err)
-                yield
-                return
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def cached_index(kind: str, paths: list[str], reader: ImageReader, cache: Path, processes: int = 0) -> PairIndex:
     """The source's index from cache/index-<key>/, built there first if no process has yet.
 
@@ -628,7 +593,7 @@ def cached_index(kind: str, paths: list[str], reader: ImageReader, cache: Path, 
     counted = False
     if not (final / "meta.json").exists():
         cache.mkdir(parents=True, exist_ok=True)
-        with exclusive(cache / f"{final.name}.lock"):
+        with exclusive(cache / f"{final.name}.lock", "indexing"):
             if not (final / "meta.json").exists():
                 private = cache / f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
                 shutil.rmtree(private, ignore_errors=True)  # a crashed attempt of this same pid

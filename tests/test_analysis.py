@@ -6,6 +6,8 @@ stores written with the store's own writers, with known answers; nothing trains 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -580,6 +582,30 @@ def test_a_study_with_loss_spikes_gets_the_instability_figures_and_numbers_in_it
     plain = write_synthetic_run(tmp_path / "plain", spike_study("plain", seeds=2))
     assert main(["report", str(plain.root)]) == 0
     assert not (plain.report_dir / "spike_rms.png").exists()
+
+
+def run_recipe(study: str, run_dir: Path, out: Path) -> list[str]:
+    """analysis/<study>/recipe.py as a reader runs it; returns the names it wrote into `out`."""
+    recipe = Path(__file__).parents[1] / "analysis" / study / "recipe.py"
+    done = subprocess.run([sys.executable, str(recipe), str(run_dir), "--out", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    return sorted(p.name for p in out.iterdir())
+
+
+def test_the_instability_recipe_exports_the_spike_figures_only_when_there_were_spikes(tmp_path):
+    spiky = write_synthetic_run(tmp_path / "a", spike_study("spiky", seeds=2),
+                                spikes=PlantedSpikes(spikes_by_beta2))
+    out = tmp_path / "figures"
+    assert "spike_prediction.png" in run_recipe("instability", spiky.root, out)
+    assert "## Figures not drawn" not in (out / "findings.md").read_text()
+    # The same folder re-exported from a study without spikes: no stale spike figure stays.
+    plain = write_synthetic_run(tmp_path / "b", spike_study("plain", seeds=2))
+    names = run_recipe("instability", plain.root, out)
+    assert names == ["findings.md", "instability.png", "instability_knobs.png", "traces.png",
+                     "training_curves.png"]
+    text = (out / "findings.md").read_text()
+    assert "- spike_rms was not drawn: no trial had a loss spike" in text
 
 
 def naive_counts(steps: pl.DataFrame, r: float, lookback: int) -> dict[str, int]:

@@ -321,7 +321,8 @@ def _start_mlflow_run(barrier: Any, trial: TrackedTrial) -> None:
 
 def test_trials_starting_together_share_one_mlflow_experiment_in_a_file_store(write_study, trackers):
     """The file store does not enforce unique experiment names; without the lock, trials that
-    start at the same moment split a study across experiments of the same name."""
+    start at the same moment on an empty store split a study across experiments of the same name,
+    or fail creating the store's default experiment."""
     trials = expand(load_study(write_study(tiny_study())))
     store = RunStore(trackers.parent / "runs" / "tiny")
     tracked = [replace(TrackedTrial.of(t, store.add_trial(t).path, "tiny"), trial_id=f"{t.trial_id}-{i}")

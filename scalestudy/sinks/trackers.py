@@ -42,6 +42,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,12 +272,20 @@ class MlflowSink:
     run name = trial id, params = config, tags = swept values; metrics sent in batches at flush."""
 
     def __init__(self, trial: TrackedTrial) -> None:
+        from mlflow import get_tracking_uri
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
 
         self.Metric = Metric
-        self.client = MlflowClient()
-        experiment = self._experiment(trial.study)
+        # A tracking server enforces unique experiment names, so a trial that loses the race to
+        # create the study's finds the winner's. MLflow's file store does not: two trials starting
+        # together would each create an experiment of that name and split the study, or both
+        # create the store's default experiment and one fail. There both hold a lock beside it.
+        uri = get_tracking_uri()
+        root = file_store_root(uri)
+        with exclusive(root / ".scalestudy.lock", "opening the MLflow file store") if root else nullcontext():
+            self.client = MlflowClient(uri)
+            experiment = self._experiment(trial.study)
         found = self.client.search_runs(
             [experiment],
             filter_string=f"tags.`{STUDY_TAG}` = '{trial.study}' and tags.`{TRIAL_TAG}` = '{trial.trial_id}'",
@@ -304,19 +313,6 @@ class MlflowSink:
         self.ended = False
 
     def _experiment(self, name: str) -> str:
-        """The study's experiment, created by whichever trial gets here first.
-
-        A tracking server enforces unique names, so a trial that loses the race finds the
-        winner's. MLflow's file store does not: two trials starting together would each create an
-        experiment of that name and split the study, so there creation holds a lock beside it.
-        """
-        root = file_store_root(self.client.tracking_uri)
-        if root is None:
-            return self._get_or_create(name)
-        with exclusive(root / ".scalestudy-experiments.lock", f"creating MLflow experiment {name!r}"):
-            return self._get_or_create(name)
-
-    def _get_or_create(self, name: str) -> str:
         existing = self.client.get_experiment_by_name(name)
         if existing is not None:
             return str(existing.experiment_id)

@@ -9,6 +9,7 @@ title); a setting with one seed has none.
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,19 @@ PERCENT_METRICS = {"zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "lin
 # Small multiples: more columns than this stop being readable; the rest are left out (and said so).
 MAX_FACETS = 6
 MAX_LEGEND_LINES = 14
+
+
+def legend_above(fig: Figure, handles: list[Any], labels: list[str], ncol: int, title: str) -> None:
+    """The figure's legend in a band above its panels and the title above that, so neither covers
+    a panel's title (`save` crops to everything drawn, y > 1 included)."""
+    shown = min(len(handles), MAX_LEGEND_LINES)
+    height = fig.get_size_inches()[1]
+    legend_rows = math.ceil(shown / ncol)
+    top = 1.0 + (legend_rows * 0.2 + 0.1) / height if shown else 1.0
+    if shown:
+        fig.legend(handles[:shown], labels[:shown], loc="lower center", ncol=min(shown, ncol),
+                   fontsize=8, bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(title, fontsize=11, y=top, va="bottom")
 
 
 def save(fig: Figure, out: Path, name: str) -> list[Path]:
@@ -355,10 +369,8 @@ def plot_traces(agg: Aggregates, out: Path) -> list[Path]:
     for ax in axes[0]:  # lines whose label starts with "_" (reference lines) have no legend entry
         handles.update({line.get_label(): line for line in ax.get_lines()
                         if not line.get_label().startswith("_")})
-    fig.legend(list(handles.values())[:MAX_LEGEND_LINES], list(handles)[:MAX_LEGEND_LINES],
-               loc="upper center", ncol=min(len(handles), 5), fontsize=8, bbox_to_anchor=(0.5, 1.0))
     note = f" ({left_out} of {left_out + MAX_FACETS} columns left out)" if left_out > 0 else ""
-    fig.suptitle(f"Per-trial traces{note}", fontsize=11, y=1.04)
+    legend_above(fig, list(handles.values()), list(handles), 5, f"Per-trial traces{note}")
     return save(fig, out, "traces")
 
 
@@ -445,11 +457,7 @@ def plot_eval_curves(agg: Aggregates, out: Path, x: str = "examples_seen") -> li
         axes[0][0].text(0.5, 0.5, "no evaluations recorded", ha="center", va="center",
                         transform=axes[0][0].transAxes)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles[:MAX_LEGEND_LINES], labels[:MAX_LEGEND_LINES], loc="upper center",
-                   ncol=min(len(handles), 4), fontsize=8, bbox_to_anchor=(0.5, 1.0))
-    fig.suptitle(f"Accuracy during training: mean over seeds, band = {CI_METHOD}", fontsize=11,
-                 y=1.0 + 0.02 * min(len(handles), MAX_LEGEND_LINES) / 4 + 0.04)
+    legend_above(fig, handles, labels, 4, f"Accuracy during training: mean over seeds, band = {CI_METHOD}")
     return save(fig, out, name)
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import polars as pl
@@ -24,7 +26,8 @@ from scalestudy.expand import derive, expand, trial_id
 from scalestudy.load import validate_study
 from scalestudy.reconcile import adopt_earlier_ids, check_unchanged
 from scalestudy.spec import TrainSpec, TrialConfig
-from scalestudy.store import RunStore, Status, Trial, TrialState, results_frame
+from scalestudy.store import RunStore, Status, Trial, TrialState, files, results_frame
+from scalestudy.store.files import atomic_write_text
 from tests.conftest import tiny_study
 
 def with_new_train_key(default: int) -> type[TrialConfig]:
@@ -217,6 +220,19 @@ def test_checkpoints_are_written_atomically_and_load_to_the_cpu(tmp_path):
     assert not [p for p in ts.path.iterdir() if p.name.endswith(".tmp")]
     loaded = ts.load_checkpoint()
     assert loaded["step"] == 1 and loaded["w"].device.type == "cpu"
+
+
+def test_files_the_store_writes_are_readable_by_the_group_as_the_umask_allows(tmp_path):
+    # Atomic writes go through a private temp file; the result must not stay private, or a run
+    # directory on a group share cannot be read by the rest of the group.
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+    atomic_write_text(tmp_path / "b.txt", "x")
+    assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o666 & ~files.umask()
 
 
 def test_status_report_and_dashboard_name_a_missing_or_foreign_directory(tmp_path, capsys):

@@ -28,10 +28,28 @@ log = logging.getLogger(__name__)
 LOCK_NOTICE_S = 30.0
 
 
+def umask() -> int:
+    """The process's umask. Linux reports it in /proc; elsewhere reading it means setting it,
+    which another thread could observe for a moment."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write `path` through `write(tmp)`, then fsync and rename: all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file private (0600); a run directory on a shared file system is read by
+    # the whole group, so the file gets the mode `open` would have given it.
+    os.fchmod(fd, 0o666 & ~umask())
     os.close(fd)
     try:
         write(Path(tmp))

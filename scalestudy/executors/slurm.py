@@ -469,7 +469,8 @@ class SlurmExecutor:
         queued = [t.trial_id for t in trials if jobs.get(t.trial_id) in LIVE]
         todo = [t for t in trials if t.trial_id not in queued]
         if queued:
-            print(f"{len(queued)} trials already queued or running in Slurm, not submitted again")
+            trials_word = "trial" if len(queued) == 1 else "trials"
+            print(f"{len(queued)} {trials_word} already queued or running in Slurm, not submitted again")
         limit = cluster_max_array_size()
         if limit is None:
             raise SchedulerError("no Slurm cluster answers `scontrol show config`; run on a login "

@@ -10,6 +10,7 @@ import os
 import pickle
 import signal
 import tarfile
+import threading
 import time
 import tracemalloc
 from contextlib import closing
@@ -423,11 +424,40 @@ def test_a_worker_that_dies_ends_the_trial_with_a_clear_error_not_a_hang():
 def test_a_preemption_signal_to_the_process_group_leaves_the_workers_building():
     dataset = make_dataset(DataSpec(image_size=SIZE), seed=0)
     before = set(multiprocessing.active_children())
-    with closing(train_batches(dataset, 32, slice(None), 0, 8, workers=2)) as batches:
+    with closing(train_batches(dataset, 32, slice(None), 0, 8, workers=2, timeout_s=60)) as batches:
         got = [next(batches)]
         for worker in worker_processes(before):
             os.kill(worker.pid, signal.SIGTERM)
         got += list(batches)
+    assert same_batches(got, loaded(dataset, 32, slice(None), 0, 8, workers=0))
+
+
+def test_a_preemption_signal_while_the_workers_start_does_not_kill_them():
+    # The signal reaches each worker the moment it exists, before its own handler can run.
+    dataset = make_dataset(DataSpec(image_size=SIZE), seed=0)
+    before = set(multiprocessing.active_children())
+    stop, signalled = threading.Event(), set()
+
+    def signal_each_new_worker() -> None:
+        while not stop.is_set():
+            try:
+                pids = {p.pid for p in worker_processes(before)}
+            except RuntimeError:  # the main thread added a child while this one read the set
+                continue
+            for pid in pids - signalled:
+                os.kill(pid, signal.SIGTERM)
+                signalled.add(pid)
+            time.sleep(0.0002)
+
+    sender = threading.Thread(target=signal_each_new_worker)
+    sender.start()
+    try:
+        with closing(train_batches(dataset, 32, slice(None), 0, 8, workers=2, timeout_s=60)) as batches:
+            got = list(batches)
+    finally:
+        stop.set()
+        sender.join()
+    assert len(signalled) == 2
     assert same_batches(got, loaded(dataset, 32, slice(None), 0, 8, workers=0))
 
 

@@ -76,12 +76,30 @@ def _as_built(rows: StepRows) -> StepRows:
     return rows
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     # SIGTERM/SIGINT reach the whole process group on preemption or Ctrl-C; the trial's process
     # handles them (checkpoint, then it ends its workers), so a worker must not die mid-batch.
+    # The worker was born with them blocked (`_start_workers`): one that arrived before this point
+    # waits pending, and is dropped when they are unblocked below with the disposition "ignore".
     # (DataLoader already gives each worker one torch thread.)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _start_workers(loader: DataLoader) -> Iterator[StepRows]:
+    """The loader's iterator, whose worker processes start with SIGTERM and SIGINT blocked (a
+    child inherits its parent thread's signal mask), so a preemption signal to the process group
+    while a worker is still starting cannot kill it before `_ignore_stop_signals` runs. In this
+    process a signal that arrives meanwhile is only delayed, not lost: it is delivered on unblock."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _end_workers(batches: Iterator[StepRows]) -> None:
@@ -143,7 +161,7 @@ def train_batches(
         # from the global RNG and shift the trial's random state by where the loader started.
         generator=torch.Generator().manual_seed(0),
     )
-    batches = iter(loader)
+    batches = _start_workers(loader)
     try:
         for step in steps:
             try:

@@ -358,8 +358,12 @@ def test_a_joined_cluster_fails_a_raising_trial_alone_and_retries_a_dead_worker_
 def test_a_study_stopped_by_ctrl_c_and_then_by_a_dead_driver_resumes_to_the_same_end(
     ray_head, tmp_path
 ):
+    # Four times LONG: on an idle machine a LONG trial can finish between reaching step 10 and
+    # the Ctrl-C reaching it (seen once: "done" where "preempted" was due).
+    steps = 4 * STEPS
+    longer = {"train": {**LONG["train"], "examples_seen": 32 * steps}}
     path = write(tmp_path / "study.yaml",
-                 tiny_study(grid={"train.seed": [0, 1, 2]}, base=LONG))
+                 tiny_study(grid={"train.seed": [0, 1, 2]}, base=longer))
     ids = trial_ids_by(path, "train.seed")
     run = ["run", str(path), "--executor", "ray", "--address", ray_head.address,
            "--out", str(tmp_path)]
@@ -389,7 +393,7 @@ def test_a_study_stopped_by_ctrl_c_and_then_by_a_dead_driver_resumes_to_the_same
     store = RunStore(tmp_path / "tiny")
     for tid in ids.values():
         assert store.trial(tid).state().status == "done"
-        assert steps_of(store, tid) == list(range(1, STEPS + 1))
+        assert steps_of(store, tid) == list(range(1, steps + 1))
     assert state_of(queued)["attempts"] == 2
 
 

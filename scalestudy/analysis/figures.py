@@ -46,12 +46,12 @@ def legend_above(fig: Figure, handles: list[Any], labels: list[str], ncol: int, 
     """The figure's legend in a band above its panels and the title above that, so neither covers
     a panel's title (`save` crops to everything drawn, y > 1 included)."""
     shown = min(len(handles), MAX_LEGEND_LINES)
-    height = fig.get_size_inches()[1]
-    legend_rows = math.ceil(shown / ncol)
-    top = 1.0 + (legend_rows * 0.2 + 0.1) / height if shown else 1.0
+    top = 1.0
     if shown:
         fig.legend(handles[:shown], labels[:shown], loc="lower center", ncol=min(shown, ncol),
                    fontsize=8, bbox_to_anchor=(0.5, 1.0))
+        # The legend's rows (~0.2 in each, plus padding) in figure coordinates.
+        top += (math.ceil(shown / ncol) * 0.2 + 0.1) / fig.get_size_inches()[1]
     fig.suptitle(title, fontsize=11, y=top, va="bottom")
 
 

@@ -56,8 +56,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import get_worker_info
 
 from scalestudy.datafiles import class_folders, expand_braces
-from scalestudy.store.files import exclusive
 from scalestudy.spec import DataSpec
+from scalestudy.store.files import exclusive
 from scalestudy.train.data import Batch, ZeroShotSet, ZeroShotTask, mismatch_captions, random_stream
 
 log = logging.getLogger(__name__)

@@ -175,3 +175,20 @@ def run_ranks(world: int, out_dir: Path, timeout_s: float) -> list[dict[str, Any
             if process.is_alive():
                 process.kill()
     return [torch.load(Path(out_dir) / f"rank{rank}.pt") for rank in range(world)]
+
+
+# Bodies for scalestudy.train.ranks.local_children (tests/test_data_parallel.py).
+def abort_on_the_way_out(ranks: Any, init_method: str) -> None:
+    """Finish, then abort while the process exits (what a gloo teardown once did to a rank)."""
+    import threading
+
+    def later() -> None:
+        time.sleep(0.2)  # the body has returned by now; the process waits for this thread
+        os.abort()
+
+    threading.Thread(target=later).start()
+
+
+def abort_midway(ranks: Any, init_method: str) -> None:
+    """Die before finishing its part."""
+    os.abort()

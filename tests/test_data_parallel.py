@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch.multiprocessing as mp
 
 from scalestudy.expand import expand
 from scalestudy.load import load_study
 from scalestudy.store import RunStore
+from scalestudy.train import ranks as rk
 from scalestudy.train.loop import run_trial
+from tests import _dist_workers
 from tests.conftest import tiny_study
 
 pytestmark = pytest.mark.train
@@ -41,3 +44,16 @@ def test_a_two_worker_trial_matches_its_single_process_twin(write_study, tmp_pat
     assert one.evals()["step"].to_list() == two.evals()["step"].to_list() == [6, 12]
     assert one.evals().drop("step").to_numpy() == pytest.approx(
         two.evals().drop("step").to_numpy(), abs=1e-2)
+
+
+def test_a_spawned_rank_that_dies_on_its_way_out_after_finishing_its_part_is_reported_not_raised(capfd):
+    with rk.local_children(2, _dist_workers.abort_on_the_way_out):
+        pass  # rank 0's part: nothing; the context's exit waits for rank 1 and must not raise
+    err = capfd.readouterr().err
+    assert "rank 1" in err and "SIGABRT after finishing its part" in err
+
+
+def test_a_spawned_rank_that_dies_before_finishing_its_part_fails_the_trial():
+    with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
+        with rk.local_children(2, _dist_workers.abort_midway):
+            pass

@@ -172,7 +172,12 @@ def _train(
     if ranks.world > 1:
         rk.join(ranks, device, init_method)
     try:
-        return train(store, trial, stop, ranks, device)
+        summary = train(store, trial, stop, ranks, device)
+        if ranks.world > 1:
+            # Every rank is through its last collective before any of them tears the group down
+            # (rank 0 writes the summary while the others would already be leaving).
+            dist.barrier()
+        return summary
     finally:
         if ranks.world > 1:
             dist.destroy_process_group()

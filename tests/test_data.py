@@ -4,6 +4,7 @@ CSV, and zero-shot image folders — written here as real files (PIL images in t
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import signal
@@ -105,6 +106,23 @@ def test_a_shapes_batch_is_a_pure_function_of_seed_and_step():
         assert torch.equal(a.labels, b.labels)
     assert first.train_batch(1, 64).captions != first.train_batch(2, 64).captions
     assert make_dataset(spec(**knobs), seed=4).train_batch(1, 64).captions != first.train_batch(1, 64).captions
+
+
+# sha256 of batches 1, 2 and 500 of seed 0 (B = 64, 32 px: the pixels, then the captions), as the
+# committed studies (analysis/*/) were trained on them.
+SHAPES_DATA_SHA256 = "183e262ad7eb42c65cedfc788bdbdba3635e70180be1aa132ad1f2681676a30d"
+
+
+def test_the_shapes_data_is_byte_for_byte_the_data_the_committed_studies_trained_on():
+    dataset = make_dataset(DataSpec(image_size=32), seed=0)
+    digest = hashlib.sha256()
+    for step in (1, 2, 500):
+        batch = dataset.train_batch(step, 64)
+        digest.update(batch.images.numpy().tobytes())
+        digest.update("\n".join(batch.captions).encode())
+    assert digest.hexdigest() == SHAPES_DATA_SHA256, (
+        "the shapes data changed: every committed study result (analysis/*/) came from the old "
+        "data, so either keep the data as it was or re-run the studies and update this digest")
 
 
 def test_any_slice_of_rows_is_exactly_those_rows_of_the_whole_batch():

@@ -358,10 +358,14 @@ def test_a_joined_cluster_fails_a_raising_trial_alone_and_retries_a_dead_worker_
 def test_a_study_stopped_by_ctrl_c_and_then_by_a_dead_driver_resumes_to_the_same_end(
     ray_head, tmp_path
 ):
-    # Four times LONG: on an idle machine a LONG trial can finish between reaching step 10 and
-    # the Ctrl-C reaching it (seen once: "done" where "preempted" was due).
-    steps = 4 * STEPS
-    longer = {"train": {**LONG["train"], "examples_seen": 32 * steps}}
+    # Sixteen times LONG's steps, so that the Ctrl-C surely reaches trials that are still running:
+    # on an idle machine trials of 1× and then of 4× LONG finished between reaching step 10 and
+    # the cancel reaching them (seen in a fresh-clone `make test`: both 480-step trials `done`,
+    # 6.5 s from start to end). Checkpoints and evaluations sparser than LONG's keep the rest of
+    # the test (running all three to the end) short.
+    steps = 16 * STEPS
+    longer = {"train": {**LONG["train"], "examples_seen": 32 * steps, "checkpoint_every": 40,
+                        "eval_every": steps // 4}}
     path = write(tmp_path / "study.yaml",
                  tiny_study(grid={"train.seed": [0, 1, 2]}, base=longer))
     ids = trial_ids_by(path, "train.seed")
@@ -383,7 +387,7 @@ def test_a_study_stopped_by_ctrl_c_and_then_by_a_dead_driver_resumes_to_the_same
     (queued,) = (trials / ids[seed] for seed, s in status.items() if s == "pending")
     driver = scalestudy(run, ray_head.env)
     try:
-        wait_for(lambda: running_at(queued, 1, 10), RUN_S, "the queued trial at step 10")
+        wait_for(lambda: running_at(queued, 1, 45), RUN_S, "the queued trial past its first checkpoint")
     finally:
         driver.kill()  # the driver dies: Ray ends its job's tasks with it
         driver.wait(timeout=30)

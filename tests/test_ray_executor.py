@@ -108,8 +108,11 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
                    'mount -t tmpfs tmpfs "$0" && exec "$@"', str(hidden), *command]
     log_path = temp_dir / "ray-start.log"
     with open(log_path, "wb") as log:
+        # SIGINT ignored, as in a cluster started by a script (`nohup ray start --head &`): every
+        # worker inherits it, and Ray's cancel must still reach the trials (the Ctrl-C test).
         head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         wait_for(lambda: head.poll() is not None or b"Ray runtime started" in log_path.read_bytes(),
                  HEAD_START_S, "ray start --head")
@@ -358,11 +361,8 @@ def test_a_joined_cluster_fails_a_raising_trial_alone_and_retries_a_dead_worker_
 def test_a_study_stopped_by_ctrl_c_and_then_by_a_dead_driver_resumes_to_the_same_end(
     ray_head, tmp_path
 ):
-    # Sixteen times LONG's steps, so that the Ctrl-C surely reaches trials that are still running:
-    # on an idle machine trials of 1× and then of 4× LONG finished between reaching step 10 and
-    # the cancel reaching them (seen in a fresh-clone `make test`: both 480-step trials `done`,
-    # 6.5 s from start to end). Checkpoints and evaluations sparser than LONG's keep the rest of
-    # the test (running all three to the end) short.
+    # Trials of 16× LONG's steps (about 15 s) are still running when the cancel reaches them;
+    # sparser checkpoints and evaluations than LONG's keep the rest of the test short.
     steps = 16 * STEPS
     longer = {"train": {**LONG["train"], "examples_seen": 32 * steps, "checkpoint_every": 40,
                         "eval_every": steps // 4}}

@@ -32,6 +32,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -56,12 +57,24 @@ PROBE_TIMEOUT_S = 60.0
 # Inside the Ray worker
 
 
+def listen_for_cancel() -> None:
+    """Let Ray's cancel reach this task: it raises KeyboardInterrupt through Python's SIGINT
+    handler (`_thread.interrupt_main`), which does nothing while SIGINT is ignored, as it is in
+    every worker of a cluster started with SIGINT ignored (`nohup ray start --head &` in a script:
+    a shell without job control starts background jobs so). Ctrl-C would then leave the trials
+    running until the driver gave up and killed them, losing their work since the last checkpoint."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL)):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_trial_process(trial_dir: str) -> int:
     """Task body: run the trial as a child process; return its exit status (0 done, 1 failed).
 
     Raises TrialKilled when the child was stopped by a signal (Ray retries the task). On a
     cancel (Ray raises KeyboardInterrupt here) the child checkpoints and exits as `preempted`.
     """
+    listen_for_cancel()
     context = ray.get_runtime_context()
     cpus = int(context.get_assigned_resources().get("CPU", 1))
     trial = TrialStore(Path(trial_dir))

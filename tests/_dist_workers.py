@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -152,7 +153,13 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
         results[f"ddp {name}"] = {"loss": value.detach(),
                                   **{k: p.grad for k, p in model.named_parameters()}}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()  # every rank is through its last collective before any tears the group down
     dist.destroy_process_group()
+    # Skip interpreter finalization: gloo's threads can abort it ("terminate called without an
+    # active exception", SIGABRT; seen once in a full `make test`, the results already saved).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:

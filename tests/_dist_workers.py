@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -187,7 +188,6 @@ def run_ranks(world: int, out_dir: Path, timeout_s: float) -> list[dict[str, Any
 # Bodies for scalestudy.train.ranks.local_children (tests/test_data_parallel.py).
 def abort_on_the_way_out(ranks: Any, init_method: str) -> None:
     """Finish, then abort while the process exits (what a gloo teardown once did to a rank)."""
-    import threading
 
     def later() -> None:
         time.sleep(0.2)  # the body has returned by now; the process waits for this thread

@@ -28,6 +28,8 @@ import torch.multiprocessing as mp
 # enough for rank 0 to evaluate and checkpoint alone while the others wait at the next collective
 # (a large model's evaluation and checkpoint take minutes), short enough to free a dead job's nodes.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# How long the other locally spawned ranks may take to exit on their own after one of them failed.
+EXIT_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -136,10 +138,6 @@ def local_children(world: int, body: Callable[[Ranks, str], None]) -> Iterator[s
             raise
         sys.stderr.write(f"rank {error.error_index + 1} (pid {error.error_pid}) {error} after finishing "
                          "its part of the trial; every rank finished, so the trial's results stand\n")
-
-
-# How long the other ranks may take to exit on their own after one of them failed.
-EXIT_GRACE_S = 30.0
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

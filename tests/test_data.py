@@ -31,8 +31,8 @@ from scalestudy.preflight import check_data, preflight
 from scalestudy.spec import DataSpec
 from scalestudy.store import RunStore
 from scalestudy.train.data import (
-    CLASSES, COLOURS, PROMPTS_PER_CLASS, SHAPES, SHAPES_MEAN, SHAPES_STD, dup_caption_rate,
-    mismatch_captions, normalize,
+    CLASSES, COLOURS, PROMPTS_PER_CLASS, RENDER_AHEAD_PIXELS, SHAPES, SHAPES_MEAN, SHAPES_STD,
+    dup_caption_rate, mismatch_captions, normalize,
 )
 from scalestudy.train.datasets import make_dataset
 from scalestudy.train.realdata import MEAN, STD
@@ -134,6 +134,33 @@ def test_any_slice_of_rows_is_exactly_those_rows_of_the_whole_batch():
         part = dataset.train_batch(3, 48, rows)
         assert torch.equal(part.images, whole.images[rows]) and part.captions == whole.captions[rows]
         assert torch.equal(part.labels, whole.labels[rows])
+
+
+@settings(max_examples=30, deadline=None)
+@given(first=st.integers(1, 400), length=st.integers(1, 40), batch=st.sampled_from([1, 16, 48]),
+       rank=st.integers(0, 3), pool=st.sampled_from([None, 50]), images=st.booleans(),
+       noise=st.sampled_from([0.0, 0.3]))
+def test_a_run_of_steps_built_at_once_is_bit_for_bit_each_steps_own_batch(
+        first, length, batch, rank, pool, images, noise):
+    dataset = make_dataset(spec(train_pool=pool, caption_noise=noise), seed=2)
+    rows = slice(rank * batch // 4, (rank + 1) * batch // 4) if batch >= 4 else slice(None)
+    run = dataset.train_batch_run(first, first + length - 1, batch, rows, images=images)
+    assert 1 <= len(run) <= length
+    for step, built in enumerate(run, start=first):
+        alone = dataset.train_batch(step, batch, rows, images=images)
+        assert built.captions == alone.captions and torch.equal(built.labels, alone.labels)
+        assert (built.index is None) == (pool is None)
+        assert pool is None or torch.equal(built.index, alone.index)
+        assert (built.images is None) == (not images)
+        assert not images or torch.equal(built.images, alone.images)
+
+
+def test_a_run_renders_what_fits_in_its_pixel_budget_and_never_passes_the_last_step():
+    small = make_dataset(DataSpec(image_size=32), seed=0)
+    assert len(small.train_batch_run(1, 10_000, 16)) == RENDER_AHEAD_PIXELS // (16 * 32 * 32) == 32
+    assert len(small.train_batch_run(5, 9, 16)) == 5  # the trial's last steps
+    assert len(small.train_batch_run(1, 10_000, 1024)) == 1  # one batch beyond the budget still builds
+    assert len(make_dataset(DataSpec(image_size=224), seed=0).train_batch_run(1, 10_000, 16)) == 1
 
 
 @settings(max_examples=25, deadline=None)

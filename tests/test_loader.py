@@ -332,6 +332,14 @@ def test_worker_processes_build_exactly_the_batches_of_the_trials_process_for_an
         assert same_batches(in_workers, expected)
 
 
+def test_the_trials_process_builds_shapes_steps_in_runs_exactly_as_one_by_one_from_any_resume_step():
+    dataset = make_dataset(DataSpec(image_size=SIZE), seed=4)
+    # 16 rows at 16 px: runs of 128 steps, so steps 7 … 300 cross two run boundaries.
+    got = loaded(dataset, 32, slice(16, 32), 6, 300, workers=0)
+    assert [step for step, _ in got] == list(range(7, 301))
+    assert same_batches(got, [(step, dataset.train_batch(step, 32, slice(16, 32))) for step in range(7, 301)])
+
+
 def test_a_trial_resumed_at_its_last_step_gets_no_batch_and_starts_no_worker():
     before = set(multiprocessing.active_children())
     assert loaded(make_dataset(DataSpec(image_size=SIZE), seed=0), 32, slice(None), 5, 5, workers=2) == []

@@ -6,7 +6,9 @@ is a pure function of (seed, step) (scalestudy.train.data's Dataset), so where i
 nothing in it: resume is exact and ranks slice the same global batch whatever data.workers is.
 
 With workers = 0 every batch is `dataset.train_batch(step, …)` in the trial's own process (real
-data decodes the next step in a background thread). With workers > 0 a torch DataLoader runs over a
+data decodes the next step in a background thread), or comes from a run of steps a dataset builds
+at once (`BuildsRuns`: the shapes data renders a run's images in one call, each batch bit for bit
+the one `train_batch` gives). With workers > 0 a torch DataLoader runs over a
 map-style "dataset of steps" (`StepDataset`: index = step, batch_size=None, the sampler the steps
 left to train): each worker process builds whole batches, with one torch thread so it does not
 compete with the training step's threads, and up to 2 × workers batches are built ahead. Workers
@@ -56,6 +58,17 @@ class ReportsSkips(Protocol):
 
     def add_skip_report(self, report: Any) -> None:
         """Count (without logging again) what another process reported."""
+        ...
+
+
+@runtime_checkable
+class BuildsRuns(Protocol):
+    """A dataset that builds several consecutive steps' batches at once, cheaper than one by one."""
+
+    def train_batch_run(
+        self, first: int, last: int, batch_size: int, rows: slice = slice(None), images: bool = True
+    ) -> list[Batch]:
+        """`train_batch` of steps first, first + 1, … (at least one, at most up to `last`)."""
         ...
 
 
@@ -151,8 +164,14 @@ def train_batches(
     """
     steps = range(start + 1, end + 1)
     if workers == 0 or not steps:  # a trial resumed at its last step starts no worker
-        for step in steps:
-            yield step, dataset.train_batch(step, batch_size, rows, images=images)
+        step = start + 1
+        while step <= end:
+            run = (dataset.train_batch_run(step, end, batch_size, rows, images=images)
+                   if isinstance(dataset, BuildsRuns)
+                   else [dataset.train_batch(step, batch_size, rows, images=images)])
+            for batch in run:
+                yield step, batch
+                step += 1
         return
     loader = DataLoader(
         StepDataset(dataset, batch_size, rows, images), batch_size=None, sampler=steps, num_workers=workers,

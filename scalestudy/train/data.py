@@ -11,7 +11,8 @@ A batch is a pure function of (seed, split, batch index): data order needs no st
 resume is exact, and a data-parallel rank renders only its own rows of the global batch. What the
 whole batch shows is drawn first (a few numbers per row, `draw_scenes`) and only the asked-for rows
 are rendered; a row's pixel noise is picked by a key drawn with the row, so any slice of rows renders
-exactly as in the full batch. Rendering is vectorised over the batch and images travel as uint8;
+exactly as in the full batch. Rendering is vectorised over the batch (and over a run of steps,
+`ShapesDataset.train_batch_run`, each batch bit for bit its own render) and images travel as uint8;
 `normalize` turns them into the model's float input on whatever device holds them.
 
 By default every step renders new scenes (an endless stream). `data.train_pool` makes the training
@@ -32,8 +33,8 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import torch
@@ -249,14 +250,10 @@ class Scenes:
     @classmethod
     def cat(cls, parts: Sequence[Scenes]) -> Scenes:
         """The scenes of `parts`, one after another."""
-        def joined(get: Callable[[Scenes], torch.Tensor]) -> torch.Tensor:
-            return torch.cat([get(part) for part in parts])
-
-        return cls({k: joined(lambda part: part.attributes[k]) for k in parts[0].attributes},
-                   joined(lambda part: part.centre), joined(lambda part: part.radius),
-                   joined(lambda part: part.tint), joined(lambda part: part.background),
-                   joined(lambda part: part.shade), joined(lambda part: part.margin),
-                   joined(lambda part: part.grain))
+        tensors = {f.name: torch.cat([getattr(part, f.name) for part in parts])
+                   for f in fields(cls) if f.name != "attributes"}
+        return cls(attributes={k: torch.cat([part.attributes[k] for part in parts])
+                               for k in parts[0].attributes}, **tensors)
 
     def rows(self, rows: slice | torch.Tensor) -> Scenes:
         """The scenes of a slice, or of a (k,) long index (rows may repeat)."""

@@ -249,7 +249,9 @@ class Scenes:
 
     @classmethod
     def cat(cls, parts: Sequence[Scenes]) -> Scenes:
-        """The scenes of `parts`, one after another."""
+        """The scenes of `parts`, one after another (a single part as it is: no copy)."""
+        if len(parts) == 1:
+            return parts[0]
         tensors = {f.name: torch.cat([getattr(part, f.name) for part in parts])
                    for f in fields(cls) if f.name != "attributes"}
         return cls(attributes={k: torch.cat([part.attributes[k] for part in parts])
@@ -549,9 +551,10 @@ class ShapesDataset:
         mine, captions, indices = [], [], []
         for step in range(first, first + count):
             scenes, clean, index = self._whole(step, batch_size)
+            mine_index = None if index is None else index[rows]
+            mine.append(scenes.rows(rows if mine_index is None else mine_index))
             captions.append(mismatch_captions(clean, self.caption_noise, self.seed, step)[rows])
-            indices.append(None if index is None else index[rows])
-            mine.append(scenes.rows(rows if indices[-1] is None else indices[-1]))
+            indices.append(mine_index)
         pixels: Sequence[torch.Tensor | None] = (
             render(Scenes.cat(mine), self.image_size).split([len(part) for part in mine])
             if images else [None] * count)

@@ -11,11 +11,12 @@ at once (`BuildsRuns`: the shapes data renders a run's images in one call, each 
 the one `train_batch` gives). With workers > 0 a torch DataLoader runs over a map-style "dataset
 of steps" (`StepDataset`: index = step, batch_size=None, the sampler the steps left to train):
 each worker process builds whole batches, with one torch thread so it does not compete with the
-training step's threads, and up to 2 × workers batches are built ahead. Workers ignore SIGTERM and SIGINT (the trial's process checkpoints on them, then ends its workers). On a GPU
-the batches arrive in pinned memory, so `images.to(device, non_blocking=True)` is a real
-asynchronous copy. A worker that raises, dies or stalls for `timeout_s` ends the trial with a
-`DataWorkersFailed` naming the step and the cause, never a hang; what a worker skips (unreadable
-images) is counted in the trial's dataset (`ReportsSkips`), each image once however many workers met it.
+training step's threads, and up to 2 × workers batches are built ahead. Workers ignore SIGTERM
+and SIGINT (the trial's process checkpoints on them, then ends its workers). On a GPU the batches
+arrive in pinned memory, so `images.to(device, non_blocking=True)` is a real asynchronous copy.
+A worker that raises, dies or stalls for `timeout_s` ends the trial with a `DataWorkersFailed`
+naming the step and the cause, never a hang; what a worker skips (unreadable images) is counted
+in the trial's dataset (`ReportsSkips`), each image once however many workers met it.
 """
 
 from __future__ import annotations

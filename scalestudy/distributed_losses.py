@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.autograd.function import FunctionCtx, once_differentiable
-from torch.distributed._functional_collectives import all_gather_single_autograd
 
 from scalestudy.losses import (
     Duplicates,
@@ -66,6 +65,38 @@ class _SumOverRanks(torch.autograd.Function):
         total = grad.clone()
         dist.all_reduce(total)
         return total
+
+
+class _GatherRows(torch.autograd.Function):
+    """all-gather of every rank's rows (rank order) whose backward sums each rank's slice of the
+    incoming gradients over ranks and hands it home (the adjoint of the gather).
+
+    Our own, with public collectives only: torch's `all_gather_single_autograd` is private and not
+    in every torch this package supports (absent from 2.11), and `torch.distributed.nn`'s
+    all_gather is deprecated. Backward reduce-scatters on NCCL; gloo has no reduce-scatter, so
+    there every rank all-reduces the whole gradient and keeps its own rows (as torch.distributed.nn
+    falls back to an all-to-all for the same reason)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        rows = rows.contiguous()
+        gathered = rows.new_empty((dist.get_world_size() * rows.shape[0], *rows.shape[1:]))
+        dist.all_gather_into_tensor(gathered, rows)
+        return gathered
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        n = grad.shape[0] // dist.get_world_size()
+        if dist.get_backend() == dist.Backend.NCCL:
+            mine = grad.new_empty((n, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(mine, grad)
+            return mine
+        total = grad.clone()
+        dist.all_reduce(total)
+        start = dist.get_rank() * n
+        return total[start:start + n]
 
 
 def _shift(send: torch.Tensor, to: int, source: int) -> tuple[torch.Tensor, list[Any]]:
@@ -213,8 +244,8 @@ def distributed_softmax_loss(
 ) -> torch.Tensor:
     """CLIP's softmax loss over the global batch, by gathering (Radford et al. 2021, §2.5).
 
-    Both feature matrices are all-gathered with gradient (``all_gather_single_autograd``, whose
-    backward reduce-scatters); rank r computes the image→text cross-entropies of its own image
+    Both feature matrices are all-gathered with gradient (`_GatherRows`, whose backward sums the
+    gradients of each rank's rows over ranks); rank r computes the image→text cross-entropies of its own image
     rows and the text→image ones of its own text rows against the whole batch, so the ranks
     split the work of L without overlap. Returns the global loss and follows the module's
     gradient convention. ``groups`` and ``duplicates`` as in `scalestudy.losses.softmax_loss`,
@@ -224,9 +255,8 @@ def distributed_softmax_loss(
     """
     batch = _global_batch(image_features, text_features, chunk_size)
     same_caption = resolve_groups(groups, duplicates, batch, image_features.device)
-    world = dist.group.WORLD
-    all_images = all_gather_single_autograd(image_features, gather_dim=0, group=world)
-    all_texts = all_gather_single_autograd(text_features, gather_dim=0, group=world)
+    all_images = _GatherRows.apply(image_features)
+    all_texts = _GatherRows.apply(text_features)
     scale = torch.as_tensor(logit_scale)
     kernel = functools.partial(
         softmax_kernel, chunk=chunk_size or batch, row_start=dist.get_rank() * image_features.shape[0],

@@ -56,9 +56,7 @@ def test_a_tiny_study_runs_end_to_end_and_a_second_run_trains_nothing(write_stud
         assert store.trial(row["trial_id"]).evals()["step"].to_list() == [8, 16]
 
     attempts = {t: store.trial(t).state().attempts for t in store.trial_ids()}
-    started = time.time()
     assert main(["run", str(path), "--out", str(out)]) == 0
-    assert time.time() - started < 10
     assert "2 already finished, 0 to run" in capsys.readouterr().out
     assert {t: store.trial(t).state().attempts for t in store.trial_ids()} == attempts
 

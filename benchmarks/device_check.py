@@ -414,7 +414,7 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dry = args.cpu_dry_run
-    device = torch.device("cpu" if dry else "cuda")
+    device = torch.device("cpu") if dry else torch.device("cuda", 0)  # set_device needs the index
     torch.set_num_threads(2 if dry else max(1, min(16, os.cpu_count() or 1)))
     record: dict[str, Any] = {"part": args.part, "dry_run": dry, "torch": torch.__version__}
     start = time.perf_counter()

@@ -4,25 +4,30 @@
 # vs naive losses at B = 16k and 64k, host syncs per step, the monitors' overhead, and the
 # distributed losses in a one-rank NCCL group. What each part measures: benchmarks/device_check.py.
 #
-#   benchmarks/device_check.sh [--cpu-dry-run] [OUT_DIR]
+#   benchmarks/device_check.sh [--cpu-dry-run] [--parts resume,losses,...] [OUT_DIR]
 #
 # Run it from anywhere; it works in the repository root with .venv's python ($PYTHON overrides).
 # OUT_DIR defaults to $OUT, else ./device_check_out. Every part runs in its own process under its
 # own time budget, so one that fails or hangs costs only its budget: each writes OUT_DIR/PART.json
 # (its result, or its error) and OUT_DIR/PART.log, and OUT_DIR/summary.txt lists each part's exit
 # status and seconds. The script's own exit status is 0 when every part succeeded.
-# --cpu-dry-run runs every part tiny on the CPU, to check the script without a GPU.
+# --cpu-dry-run runs every part tiny on the CPU, to check the script without a GPU. --parts runs
+# only the parts named (to re-run those that failed without paying for the rest again).
 set -u
 
 cd "$(dirname "$0")/.."
 DRY=()
+ONLY=""
 OUT_DIR="${OUT:-device_check_out}"
-for arg in "$@"; do
-    case "$arg" in
+while [ $# -gt 0 ]; do
+    case "$1" in
         --cpu-dry-run) DRY=(--cpu-dry-run) ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-        *) OUT_DIR="$arg" ;;
+        --parts) ONLY=",${2:?--parts needs a comma-separated list, e.g. --parts resume,syncs},"; shift ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -*) echo "device_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+        *) OUT_DIR="$1" ;;
     esac
+    shift
 done
 PYTHON="${PYTHON:-.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
@@ -32,6 +37,12 @@ mkdir -p "$OUT_DIR"
 # part:seconds. The budgets add up to 280 s, under the 5 minutes, with each process's start
 # (import torch, CUDA context: ~5–10 s) inside its part's budget.
 PARTS="resume:80 precision:70 losses:45 syncs:25 monitors:40 distributed:20"
+for name in ${ONLY//,/ }; do
+    case " $PARTS " in
+        *" $name:"*) ;;
+        *) echo "device_check.sh: no part '$name'; the parts are: $PARTS" >&2; exit 2 ;;
+    esac
+done
 
 {
     echo "device check $(date -u +%Y-%m-%dT%H:%M:%SZ) ${DRY[*]:-}"
@@ -43,6 +54,7 @@ failed=0
 for entry in $PARTS; do
     part="${entry%%:*}"
     budget="${entry##*:}"
+    [ -n "$ONLY" ] && [ "${ONLY#*,$part,}" = "$ONLY" ] && continue
     [ ${#DRY[@]} -gt 0 ] && budget=$(( budget * 4 ))  # a shared CPU is no H200
     start=$(date +%s)
     timeout --kill-after=5 "$budget" "$PYTHON" benchmarks/device_check.py "$part" --out "$OUT_DIR" \

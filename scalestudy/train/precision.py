@@ -42,11 +42,7 @@ MAX_OVERFLOW_RUN = 64
 def use_tf32_matmuls(enabled: bool) -> None:
     """CUDA float32 matmuls on TF32 tensor cores, or IEEE fp32; process-wide, so every trial sets
     it either way (several trials may share one process). CPU matmuls are never affected."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        matmul.fp32_precision = "tf32" if enabled else "ieee"
-    except AttributeError:  # torch < 2.9 has only the older switch
-        matmul.allow_tf32 = enabled
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
 
 
 @dataclass

@@ -49,6 +49,11 @@ from scalestudy.losses import (
 
 __all__ = ["distributed_softmax_loss", "distributed_sigmoid_loss"]
 
+# torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor (a FutureWarning per call)
+# for the same collectives under new names, which older torch (the floor, 2.11) may lack.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class _SumOverRanks(torch.autograd.Function):
     """all-reduce-sum whose backward all-reduces the gradients (the adjoint of the sum)."""
@@ -81,7 +86,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx: FunctionCtx, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         rows = rows.contiguous()
         gathered = rows.new_empty((dist.get_world_size() * rows.shape[0], *rows.shape[1:]))
-        dist.all_gather_into_tensor(gathered, rows)
+        _all_gather_single(gathered, rows)
         return gathered
 
     @staticmethod
@@ -91,7 +96,7 @@ class _GatherRows(torch.autograd.Function):
         n = grad.shape[0] // dist.get_world_size()
         if dist.get_backend() == dist.Backend.NCCL:
             mine = grad.new_empty((n, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(mine, grad)
+            _reduce_scatter_single(mine, grad)
             return mine
         total = grad.clone()
         dist.all_reduce(total)

@@ -166,7 +166,8 @@ def _setting_ticks(ax: Axes, labels: list[str]) -> None:
     room = ax.figure.get_figwidth() * ax.get_position().width * 72 / max(1, len(labels))
     width = max(6, int(room / 5.2))
     ax.set_xticks(range(len(labels)), [textwrap.fill(label, width) for label in labels], fontsize=8)
-    ax.set_xlim(-0.5, len(labels) - 0.5)
+    if labels:  # no setting has a value (every metric missing): an empty axis, not a 0-wide one
+        ax.set_xlim(-0.5, len(labels) - 0.5)
 
 
 def _chance(ax: Axes, trials: pl.DataFrame, metric: str) -> None:

@@ -250,9 +250,9 @@ def distributed_softmax_loss(
     """CLIP's softmax loss over the global batch, by gathering (Radford et al. 2021, §2.5).
 
     Both feature matrices are all-gathered with gradient (`_GatherRows`, whose backward sums the
-    gradients of each rank's rows over ranks); rank r computes the image→text cross-entropies of its own image
-    rows and the text→image ones of its own text rows against the whole batch, so the ranks
-    split the work of L without overlap. Returns the global loss and follows the module's
+    gradients of each rank's rows over ranks); rank r computes the image→text cross-entropies of
+    its own image rows and the text→image ones of its own text rows against the whole batch, so
+    the ranks split the work of L without overlap. Returns the global loss and follows the module's
     gradient convention. ``groups`` and ``duplicates`` as in `scalestudy.losses.softmax_loss`,
     with the caption ids of the *global* batch's B rows, the same tensor on every rank. Tiles
     of at most ``chunk_size``² logits (default: one n×B tile per direction). Peak memory per

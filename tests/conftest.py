@@ -23,6 +23,16 @@ import yaml
 
 import scalestudy.train.loop as loop
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def checkout_env() -> dict[str, str]:
+    """The environment with this checkout first on PYTHONPATH, for a subprocess that must import
+    this scalestudy whether or not it is installed."""
+    path = os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
 # A model and budget small enough that a trial trains in about a second on one CPU core.
 TINY_BASE: dict[str, Any] = {
     "data": {"image_size": 16, "eval_images": 64},

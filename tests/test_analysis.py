@@ -6,7 +6,6 @@ stores written with the store's own writers, with known answers; nothing trains 
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +58,7 @@ from scalestudy.analysis.synthetic import (
 )
 from scalestudy.cli import main
 from scalestudy.expand import Trial
+from tests.conftest import checkout_env
 
 AXES = ["loss.kind", "train.batch_size", "train.seed"]
 
@@ -588,11 +588,8 @@ def test_a_study_with_loss_spikes_gets_the_instability_figures_and_numbers_in_it
 def run_recipe(study: str, run_dir: Path, out: Path) -> list[str]:
     """analysis/<study>/recipe.py as a reader runs it; returns the names it wrote into `out`."""
     recipe = Path(__file__).parents[1] / "analysis" / study / "recipe.py"
-    # The checkout on the path too, so the recipe finds this scalestudy where it is not installed.
-    root = str(Path(__file__).parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, str(recipe), str(run_dir), "--out", str(out)],
-                          capture_output=True, text=True, timeout=240, env=env)
+                          capture_output=True, text=True, timeout=240, env=checkout_env())
     assert done.returncode == 0, done.stderr
     return sorted(p.name for p in out.iterdir())
 

@@ -4,7 +4,6 @@ nn.TransformerEncoder towers), presets build the published models, checkpointing
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from scalestudy.train.models import (
     AttentionPool, Block, ImageTower, TextTower, TwoTower, count_params, eot_index, quick_gelu,
 )
 from scalestudy.train.presets import PRESETS
+from tests.conftest import checkout_env
 
 TINY = {"width": 32, "depth": 1, "heads": 2, "embed_dim": 32, "patch_size": 8, "context_length": 16}
 # Every architecture a preset can express, shrunk to a few thousand parameters.
@@ -416,8 +416,7 @@ def test_count_params_draws_no_random_numbers_on_the_meta_device() -> None:
         "print(count_params(config), 'torch._dynamo' in sys.modules, 'sympy' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                             [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])})
+                         env=checkout_env())
     assert out.stdout.split() == ["203155970", "False", "False"]
 
 

@@ -3,10 +3,12 @@ overhead the CPU studies pay), and the quickstart model's throughput with monito
 and the peak memory of one large-batch step with and without micro-batching.
 
     .venv/bin/python benchmarks/bench_step.py [--steps 300] [--threads 1] [--only B=16]
+                                              [--allocator auto|tcmalloc|jemalloc|system]
     .venv/bin/python benchmarks/bench_step.py --memory [--batch 16384] [--micro 1024 2048]
 
-Each case trains a real trial in this process through the trial entry point (`run_trial`) and
-reads its per-step `step_time_s` (the loop's wall time from one step's start to the next: data,
+Each case trains a real trial in a process of its own, started as the executors start one (the
+trial entry point `python -m scalestudy.trial`, with the environment `trial_env` gives it:
+its threads and its `resources.allocator` preloaded), and reads its per-step `step_time_s` (the loop's wall time from one step's start to the next: data,
 tokenizer, forward, loss, backward, monitors, optimizer); the first 20 steps are dropped as
 warm-up; the median and the mean of the rest are reported. Target (issue 12): ≤ 5 ms for the
 tiny model at B = 16 with every monitor on, on the 2-core machine. Judge it by the mean: the shapes
@@ -15,7 +17,8 @@ for the run's rendering and the median leaves that cost out.
 
 `--memory`: one optimisation step of the tiny model at B = `--batch` (sigmoid loss chunked by
 1024, so the loss's B×B logits never exist and the towers' activations are what grows), plain and
-with `train.micro_batch_size` (gradient caching), each in a fresh subprocess. Peak memory is the
+with `train.micro_batch_size` (gradient caching), each in a fresh subprocess under the same
+allocator. Peak memory is the
 growth of the process's resident set over the step: VmHWM after resetting it (/proc/self/
 clear_refs) minus VmRSS before, on the first step after the build (the first, so that no memory
 an earlier step freed but the allocator kept counts as already there; it includes the
@@ -37,18 +40,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scalestudy.executors.process import trial_env
 from scalestudy.expand import derive, trial_id
 from scalestudy.spec import TrialConfig
 from scalestudy.store import RunStore, Trial
-from scalestudy.train.loop import run_trial
 
 TINY = {"width": 32, "depth": 1, "heads": 2, "embed_dim": 32}
 WARMUP = 20
 
 
-def step_times(root: Path, name: str, steps: int, threads: int, **config: Any) -> list[float]:
+def step_times(root: Path, name: str, steps: int, threads: int, malloc: str,
+               **config: Any) -> tuple[list[float], str]:
+    """The step times after warm-up of a trial run as the executors run one (its own process,
+    `threads` torch threads, the allocator `malloc` preloaded), and the allocator it recorded."""
     values = {"train": {"eval_every": 0, "checkpoint_every": 0}, "data": {"eval_images": 64},
-              "resources": {"cpus": threads}}
+              "resources": {"cpus": threads, "allocator": malloc}}
     for section, keys in config.items():
         values.setdefault(section, {}).update(keys)
     values["train"]["examples_seen"] = values["train"]["batch_size"] * (steps + WARMUP)
@@ -56,8 +62,9 @@ def step_times(root: Path, name: str, steps: int, threads: int, **config: Any) -
     trial = Trial(trial_id=trial_id(cfg), config=cfg, derived=derive(cfg), swept={})
     store = RunStore(root / name)
     ts = store.add_trial(trial)
-    run_trial(str(ts.path))
-    return ts.metrics()["step_time_s"].to_list()[WARMUP:]
+    env = trial_env(os.environ, threads, None, cfg.resources.allocator)
+    subprocess.run([sys.executable, "-m", "scalestudy.trial", str(ts.path)], env=env, check=True)
+    return ts.metrics()["step_time_s"].to_list()[WARMUP:], ts.state().allocator or "?"
 
 
 def _status_kib(field: str) -> int:
@@ -90,14 +97,15 @@ def step_memory(batch: int, micro: int | None, threads: int) -> dict[str, float]
     return {"peak_mib": (_status_kib("VmHWM") - before) / 1024, "seconds": seconds}
 
 
-def memory_table(batch: int, micros: list[int], threads: int) -> None:
-    print(f"tiny model, B={batch}, sigmoid chunked by 1024, threads {threads}")
+def memory_table(batch: int, micros: list[int], threads: int, malloc: str) -> None:
+    print(f"tiny model, B={batch}, sigmoid chunked by 1024, threads {threads}, allocator {malloc}")
     print("| micro-batch | peak RSS growth over the step (MiB) | step (s) |")
     print("|---|---:|---:|")
     for micro in [None, *micros]:
         command = [sys.executable, __file__, "--memory-case", str(micro or 0), "--batch", str(batch),
                    "--threads", str(threads)]
-        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        done = subprocess.run(command, check=True, capture_output=True, text=True,
+                              env=trial_env(os.environ, threads, None, malloc))
         result = json.loads(done.stdout.splitlines()[-1])
         print(f"| {micro or 'none (whole batch)'} | {result['peak_mib']:.0f} | {result['seconds']:.1f} |",
               flush=True)
@@ -123,28 +131,32 @@ def main() -> None:
                         help="peak memory of one step at --batch, plain and micro-batched")
     parser.add_argument("--batch", type=int, default=16384)
     parser.add_argument("--micro", type=int, nargs="+", default=[1024])
+    parser.add_argument("--allocator", default="auto", choices=["auto", "tcmalloc", "jemalloc", "system"],
+                        help="the trials' resources.allocator (default auto, as trials have it)")
     parser.add_argument("--memory-case", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_case is not None:
         print(json.dumps(step_memory(args.batch, args.memory_case or None, args.threads)))
         return
     if args.memory:
-        memory_table(args.batch, args.micro, args.threads)
+        memory_table(args.batch, args.micro, args.threads, args.allocator)
         return
-    print(f"load average {os.getloadavg()[0]:.2f}, torch threads {args.threads}")
-    print("| case | median step (ms) | mean step (ms) | p90 (ms) | samples/s (from the mean) |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"load average {os.getloadavg()[0]:.2f}, torch threads {args.threads}, "
+          f"resources.allocator={args.allocator}")
+    print("| case | median step (ms) | mean step (ms) | p90 (ms) | samples/s (from the mean) | malloc |")
+    print("|---|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, config) in enumerate(CASES.items()):
             if args.only and args.only not in name:
                 continue
             steps = args.steps if "B=16" in name else max(30, args.steps // 10)
-            times = step_times(Path(tmp), f"case{i}", steps, args.threads, **config)
+            times, malloc = step_times(Path(tmp), f"case{i}", steps, args.threads, args.allocator,
+                                       **config)
             median, mean = statistics.median(times), statistics.fmean(times)
             p90 = statistics.quantiles(times, n=10)[-1]
             batch = config["train"]["batch_size"]
             print(f"| {name} | {1000 * median:.2f} | {1000 * mean:.2f} | {1000 * p90:.2f} | "
-                  f"{batch / mean:.0f} |", flush=True)
+                  f"{batch / mean:.0f} | {malloc} |", flush=True)
     print(f"load average after {os.getloadavg()[0]:.2f}")
 
 

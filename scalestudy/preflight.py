@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from scalestudy import allocator
 from scalestudy.datafiles import class_folders, csv_with_columns, expand_braces
 from scalestudy.errors import SpecError
 from scalestudy.spec import DataSpec, ModelSpec, TrialConfig
@@ -83,6 +84,15 @@ def check_image_init(config: TrialConfig) -> list[str]:
     return []
 
 
+def check_allocator(choice: allocator.Allocator) -> list[str]:
+    """A named resources.allocator must be installed here (the executors preload it)."""
+    try:
+        allocator.resolve(choice, os.environ)
+    except ValueError as err:
+        return [f"resources.allocator: {choice}: {err}"]
+    return []
+
+
 def _image_init_setting(config: TrialConfig) -> str:
     return f"{config.model.model_dump_json()}|{config.data.image_size}"
 
@@ -105,6 +115,10 @@ def preflight(trials: Iterable[Trial], source: str, axes: Iterable[str] = ()) ->
         if key not in seen:
             seen.add(key)
             problems.update(dict.fromkeys(check_image_init(trial.config)))
+        key = f"allocator|{trial.config.resources.allocator}"
+        if key not in seen:
+            seen.add(key)
+            problems.update(dict.fromkeys(check_allocator(trial.config.resources.allocator)))
     if problems:
         swept = set(axes)
         raise SpecError("\n".join(

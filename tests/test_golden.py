@@ -46,10 +46,15 @@ def test_the_cli_surface_is_the_recorded_one(monkeypatch):
     ("local", {"cpus": 2}),
     ("gpu-a100", {"cpus": 64, "gpus": 16}),
 ])
-def test_the_sbatch_script_of_a_shipped_profile_is_the_recorded_one(profile, resources):
+def test_the_sbatch_script_of_a_shipped_profile_is_the_recorded_one(profile, resources, monkeypatch):
     from submitit.slurm.slurm import _make_sbatch_string
 
+    from scalestudy import allocator
     from scalestudy.executors.slurm import job_parameters
+
+    # As on a Debian machine with libtcmalloc-minimal4, whatever this one has installed.
+    monkeypatch.setattr(allocator, "find", lambda name, environ: Path(
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4") if name == "tcmalloc" else None)
     from scalestudy.load import read_slurm_profile
     from scalestudy.spec import ResourcesSpec, SlurmExecutorSpec
 

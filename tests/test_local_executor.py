@@ -247,12 +247,12 @@ def test_the_trial_process_sees_exactly_its_gpus_and_its_threads():
 
     # TOKENIZERS_PARALLELISM off: a Hugging Face tokenizer would start a thread per core beside
     # the trial's torch threads.
-    assert trial_env(parent, 4, ("2", "3")) == {
+    assert trial_env(parent, 4, ("2", "3"), "system") == {
         "PATH": "/usr/bin", "CUDA_VISIBLE_DEVICES": "2,3", "OMP_NUM_THREADS": "4",
         "TOKENIZERS_PARALLELISM": "false"}
-    assert trial_env(parent, 1, ())["CUDA_VISIBLE_DEVICES"] == ""
-    assert trial_env(parent, 1, None)["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
-    assert "CUDA_VISIBLE_DEVICES" not in trial_env({"PATH": "/usr/bin"}, 1, None)
+    assert trial_env(parent, 1, (), "system")["CUDA_VISIBLE_DEVICES"] == ""
+    assert trial_env(parent, 1, None, "system")["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    assert "CUDA_VISIBLE_DEVICES" not in trial_env({"PATH": "/usr/bin"}, 1, None, "system")
 
 
 class TrialProcesses:

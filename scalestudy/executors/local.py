@@ -218,7 +218,8 @@ class LocalExecutor:
     def _start(self, store: RunStore, trial: Trial,
                gpus: tuple[str, ...] | None) -> subprocess.Popen[bytes]:
         ts = store.trial(trial.trial_id)
-        env = process.trial_env(os.environ, trial.config.resources.cpus, gpus)
+        resources = trial.config.resources
+        env = process.trial_env(os.environ, resources.cpus, gpus, resources.allocator)
         return process.start_trial(ts.path, self.name, env, ts.log_path, signal.SIGTERM)
 
     @staticmethod

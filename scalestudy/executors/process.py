@@ -16,6 +16,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from scalestudy import allocator
+from scalestudy.allocator import Allocator
+
 # The trial entry point's exit statuses (scalestudy.trial).
 EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED = 0, 1, 3
 # A stopped trial gets this long to save a checkpoint before it is killed.
@@ -39,10 +42,13 @@ def die_with_parent(sig: signal.Signals) -> Callable[[], None]:
     return arm
 
 
-def trial_env(environ: Mapping[str, str], cpus: int, gpus: Sequence[str] | None) -> dict[str, str]:
-    """The trial process's environment: `environ`, with `cpus` torch threads and, unless `gpus` is
-    None, exactly the GPUs `gpus` visible (CUDA_VISIBLE_DEVICES; empty for a CPU trial, so it
-    never touches a GPU it did not ask for).
+def trial_env(environ: Mapping[str, str], cpus: int, gpus: Sequence[str] | None,
+              malloc: Allocator) -> dict[str, str]:
+    """The trial process's environment: `environ`, with `cpus` torch threads, the allocator
+    `malloc` preloaded (resources.allocator; scalestudy.allocator) and, unless `gpus` is None,
+    exactly the GPUs `gpus` visible (CUDA_VISIBLE_DEVICES; empty for a CPU trial, so it never
+    touches a GPU it did not ask for). A named allocator that is not installed here raises
+    ValueError naming the fix.
 
     OMP_NUM_THREADS is explicit because torch reads it only at its first import, and Ray does not
     override a value the driver already had. `gpus` is None only where nothing assigns GPUs (a
@@ -53,15 +59,21 @@ def trial_env(environ: Mapping[str, str], cpus: int, gpus: Sequence[str] | None)
     env = dict(environ, OMP_NUM_THREADS=str(cpus), TOKENIZERS_PARALLELISM="false")
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    try:
+        allocator.preload(env, malloc)
+    except ValueError as err:
+        raise ValueError(f"resources.allocator: {malloc}: {err}") from None
     return env
 
 
 def start_trial(trial_dir: Path | str, backend: str, env: dict[str, str], log: Path,
                 parent_death: signal.Signals, new_session: bool = False) -> subprocess.Popen[bytes]:
     """Start the trial process, its output appended to `log` after one line that says where it
-    runs and with which threads and GPUs (as the Slurm executor's tasks print theirs)."""
+    runs and with which threads, GPUs and preloaded allocator (as the Slurm executor's tasks print
+    theirs)."""
     with open(log, "ab") as out:
-        out.write(f"scalestudy: {backend} trial process on {socket.gethostname()}, OMP_NUM_THREADS="
+        out.write(f"scalestudy: {backend} trial process on {socket.gethostname()}, LD_PRELOAD="
+                  f"{env.get('LD_PRELOAD', '(unset)')}, OMP_NUM_THREADS="
                   f"{env.get('OMP_NUM_THREADS')}, CUDA_VISIBLE_DEVICES="
                   f"{env.get('CUDA_VISIBLE_DEVICES', '(unset)')}\n".encode())
         out.flush()

@@ -83,7 +83,12 @@ def run_trial_process(trial_dir: str) -> int:
     # explicitly: Ray 2.60 leaves a task without GPUs the worker's CUDA_VISIBLE_DEVICES rather
     # than an empty one (ray-project/ray#54868), and a CPU trial must see no GPU.
     gpus = [str(gpu) for gpu in context.get_accelerator_ids().get("GPU", [])]
-    env = process.trial_env(os.environ, cpus, gpus)
+    try:
+        env = process.trial_env(os.environ, cpus, gpus, trial.read_trial().config.resources.allocator)
+    except ValueError as err:  # an allocator this node lacks (the driver checked its own machine)
+        trial.update_state(status=Status.FAILED, error=f"on {socket.gethostname()}: {err}",
+                           finished_at=time.time())
+        return process.EXIT_FAILED
     # A session of its own: the child's signals come from this task only. SIGKILL when the worker
     # dies: Ray may already retry the trial elsewhere, so it must not go on writing.
     child = process.start_trial(trial_dir, "ray", env, trial.log_path, signal.SIGKILL,

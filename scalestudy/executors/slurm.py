@@ -44,6 +44,7 @@ from typing import Any
 
 import submitit
 
+from scalestudy import allocator
 from scalestudy.errors import SchedulerError, SpecError
 from scalestudy.executors.base import watch
 from scalestudy.load import profile_dirs, read_slurm_profile
@@ -154,8 +155,14 @@ def job_parameters(resources: ResourcesSpec, settings: SlurmExecutorSpec) -> dic
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(settings, key):
             params[key] = getattr(settings, key)
-    if settings.setup:
-        params["setup"] = list(settings.setup)
+    # The allocator is preloaded by the job script: the task's Python cannot change its own malloc.
+    try:
+        preload = allocator.setup_line(resources.allocator, os.environ)
+    except ValueError as err:
+        raise SpecError(f"resources.allocator: {resources.allocator}: {err}") from None
+    setup = [*settings.setup, *([preload] if preload else [])]
+    if setup:
+        params["setup"] = setup
     if settings.sbatch:
         params["additional_parameters"] = dict(settings.sbatch)
     return params
@@ -189,9 +196,9 @@ class ArrayPlan:
 def by_resources(trials: list[Trial]) -> list[list[Trial]]:
     """The trials grouped by the Slurm resources they need, study order kept within a group."""
 
-    def need(trial: Trial) -> tuple[int, float, int]:
+    def need(trial: Trial) -> tuple[int, float, int, str]:
         r = trial.config.resources
-        return r.cpus, r.gpus, r.workers
+        return r.cpus, r.gpus, r.workers, r.allocator
 
     return [list(group) for _, group in groupby(sorted(trials, key=need), key=need)]
 
@@ -377,7 +384,8 @@ class TrialJob(submitit.helpers.Checkpointable):
             f"scalestudy: trial {ts.trial_id} attempt {state.attempts + 1} (last "
             f"recorded step {state.step or 0}), Slurm job {env.job_id} rank "
             f"{env.global_rank}/{env.num_tasks} "
-            f"on {socket.gethostname()}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}",
+            f"on {socket.gethostname()}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '(unset)')}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}",
             flush=True,
         )
         stop = self._stop = threading.Event()

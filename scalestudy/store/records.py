@@ -67,6 +67,9 @@ class TrialState(BaseModel):
     slurm_state: str | None = Field(None, description="Slurm's word for how the job ended.")
     ray_task_id: str | None = None
     ray_node_id: str | None = None
+    allocator: str | None = Field(
+        None, description="The malloc the last attempt's process ran on: tcmalloc, jemalloc or "
+        "system (resources.allocator as found on its machine).")
 
     def updated(self, **fields: Any) -> TrialState:
         """A copy with `fields` set; an unknown field name is a programming error (TypeError)."""

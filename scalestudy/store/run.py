@@ -107,7 +107,7 @@ class TrialStore:
         atomic_write_json(self.state_path, state.model_dump(mode="json", exclude_none=True))
         return state
 
-    def start_attempt(self, backend: str) -> TrialState:
+    def start_attempt(self, backend: str, allocator: str | None = None) -> TrialState:
         return self.update_state(
             status=Status.RUNNING,
             attempts=self.state().attempts + 1,
@@ -115,6 +115,7 @@ class TrialStore:
             host=socket.gethostname(),
             pid=os.getpid(),
             backend=backend,
+            allocator=allocator,
             error=None,
         )
 

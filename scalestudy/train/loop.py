@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from scalestudy import allocator
 from scalestudy.errors import DivergedError, Preempted
 from scalestudy.losses import caption_groups, sigmoid_loss, softmax_loss
 from scalestudy.sinks import EVAL, SUMMARY, MetricsSink, Sinks
@@ -128,7 +129,7 @@ def run_trial(trial_dir: str, backend: str = "local", stop: threading.Event | No
         )
     ranks = scheduled or rk.Ranks()
     if ranks.leader:
-        store.start_attempt(backend)
+        store.start_attempt(backend, allocator.in_use())
     try:
         with stop_on_signals(stop):
             if scheduled is None and world > 1:

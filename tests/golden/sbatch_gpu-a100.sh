@@ -20,6 +20,7 @@
 # setup
 module load cuda/12.1
 source /shared/envs/scalestudy/bin/activate
+[ -f /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] && export LD_PRELOAD="/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4${LD_PRELOAD:+:$LD_PRELOAD}" TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776
 
 # command
 export SUBMITIT_EXECUTOR=slurm

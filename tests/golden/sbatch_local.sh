@@ -12,6 +12,9 @@
 #SBATCH --time=60
 #SBATCH --wckey=submitit
 
+# setup
+[ -f /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] && export LD_PRELOAD="/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4${LD_PRELOAD:+:$LD_PRELOAD}" TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776
+
 # command
 export SUBMITIT_EXECUTOR=slurm
 srun --unbuffered --output /RUN/slurm/%j_%t_log.out python -u -m submitit.core._submit /RUN/slurm

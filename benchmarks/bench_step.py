@@ -115,6 +115,8 @@ CASES = {
     "tiny model, B=16, monitors on": dict(model=TINY, train={"batch_size": 16}),
     "tiny model, B=16, monitors off": dict(model=TINY, train={"batch_size": 16},
                                            monitor={"extended": False}),
+    "tiny model, B=16, monitors on, train.compile": dict(model=TINY,
+                                                         train={"batch_size": 16, "compile": True}),
     "tiny model, B=512, monitors on": dict(model=TINY, train={"batch_size": 512}),
     "quickstart model, B=256, monitors on": dict(train={"batch_size": 256}),
     "quickstart model, B=256, monitors off": dict(train={"batch_size": 256},

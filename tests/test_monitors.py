@@ -279,7 +279,7 @@ def test_update_rms_follows_the_definition_step_by_step_for_both_optimizers(kind
     betas = (0.9, 0.95)
     opt = (StableAdamW(params, lr=1e-3, betas=betas) if kind == "stable_adamw"
            else torch.optim.AdamW(params, lr=1e-3, betas=betas, fused=True))
-    monitor = UpdateRMS(model, opt)
+    monitor = UpdateRMS(model, opt, every_tensor=True)
     noise = torch.Generator().manual_seed(1)
     # Moments depend on the gradients only, so both optimizers see the same RMS series.
     grads = [[torch.randn(p.shape, generator=noise) * (30.0 if t == 6 else 1.0) for p in params]
@@ -299,7 +299,7 @@ def test_update_rms_follows_the_definition_step_by_step_for_both_optimizers(kind
 def test_rms_max_covers_weight_matrices_only_and_t_and_b_are_reported_apart():
     model = tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    monitor = UpdateRMS(model, opt)
+    monitor = UpdateRMS(model, opt, every_tensor=True)
     names = monitor.names
     for t in range(4):
         for name, p in model.named_parameters():
@@ -319,6 +319,25 @@ def test_rms_max_covers_weight_matrices_only_and_t_and_b_are_reported_apart():
     assert per_tensor["log_scale"] > 1.9 and per_tensor["bias"] > 1.9
     assert per_tensor["image.patchify.weight"] == pytest.approx(1.0, abs=1e-5)
     assert per_tensor["image.norm.bias"] > 1.9 and "image.norm.bias" not in matrices
+
+
+def test_the_row_is_bit_for_bit_the_same_when_only_its_tensors_are_computed():
+    model = tiny_model()
+    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.ndim >= 2],
+                              "weight_decay": 0.1},
+                             {"params": [p for p in model.parameters() if p.ndim < 2]}],
+                            lr=1e-3, betas=(0.9, 0.95), fused=True)
+    row_only, every = UpdateRMS(model, opt), UpdateRMS(model, opt, every_tensor=True)
+    noise = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=noise) * 10 ** torch.rand((), generator=noise)
+        opt.step()
+        ours, theirs = row_only.read(), every.read()
+        assert {k: v.item() for k, v in ours.items()} == {k: v.item() for k, v in theirs.items()}
+    left_out = [n for n, v in zip(row_only.names, row_only.per_tensor().tolist()) if math.isnan(v)]
+    assert left_out and all(dict(model.named_parameters())[n].ndim < 2 for n in left_out)
+    assert not {"log_scale", "bias"} & set(left_out)
 
 
 def test_a_model_without_sigmoid_bias_has_no_rms_bias_and_a_wrong_patch_name_is_explained():
@@ -370,6 +389,19 @@ def test_device_rows_refuse_a_step_with_other_columns():
     rows.append({"step": 1}, {"loss": torch.tensor(1.0)})
     with pytest.raises(ValueError, match="columns changed"):
         rows.append({"step": 2}, {"loss": torch.tensor(1.0), "bias": torch.tensor(0.0)})
+
+
+def test_device_rows_keep_each_steps_values_even_if_a_tensor_changes_later():
+    rows = DeviceRows(["a", "b", "c", "d"])
+    loss, flag, index = torch.tensor(1.5), torch.tensor(True), torch.tensor([3])
+    rows.append({"step": 1}, {"loss": loss, "is_spike": flag, "rms_max_index": index})
+    loss.fill_(9.0), flag.fill_(False), index.fill_(0)  # e.g. a buffer a monitor reuses
+    rows.append({"step": 2}, {"loss": loss, "is_spike": flag, "rms_max_index": index})
+    with pytest.raises(ValueError, match="dtypes or shapes changed"):
+        rows.append({"step": 3}, {"loss": loss.double(), "is_spike": flag, "rms_max_index": index})
+
+    assert rows.drain() == [{"step": 1, "loss": 1.5, "is_spike": True, "rms_max_name": "d"},
+                            {"step": 2, "loss": 9.0, "is_spike": False, "rms_max_name": "a"}]
 
 
 def test_the_whole_per_step_monitor_path_makes_no_host_sync():

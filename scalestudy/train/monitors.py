@@ -273,6 +273,11 @@ class UpdateRMS:
     be taken, from the (clipped) gradients that step uses. Call `read()` after
     `optimizer.step()`.
 
+    The hook computes only what the row reports, the weight matrices (ndim ≥ 2), t and b, unless
+    `every_tensor`: the per-tensor figures are independent, so leaving out the gains and biases
+    (21 of the tiny model's 38 tensors) changes no reported value and saves a kernel call per
+    left-out tensor in each of its five passes.
+
     `names` lists the optimizer's parameters in param_groups order; `rms_max_index` indexes it.
     Parameters are found by name in `model.named_parameters()`: the patch embedding is
     `patch_embed`, the logit scale `log_scale` and the sigmoid bias `bias`; a figure whose
@@ -280,7 +285,7 @@ class UpdateRMS:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 patch_embed: str = PATCH_EMBED) -> None:
+                 patch_embed: str = PATCH_EMBED, every_tensor: bool = False) -> None:
         by_id = {id(p): name for name, p in model.named_parameters()}
         if patch_embed not in by_id.values():
             raise ValueError(
@@ -292,15 +297,24 @@ class UpdateRMS:
         self.optimizer = optimizer
         device = params[0].device
         position = {name: i for i, name in enumerate(self.names)}
-        self._matrices = torch.tensor([i for i, p in enumerate(params) if p.ndim >= 2],
-                                      dtype=torch.long, device=device)
-        self._single = {column: position[name] for column, name in (
+        matrices = [i for i, p in enumerate(params) if p.ndim >= 2]
+        singles = {column: position[name] for column, name in (
             ("rms_patch_embed", patch_embed), ("rms_temperature", "log_scale"), ("rms_bias", "bias"),
         ) if name in position}
+        # The tensors whose RMS the hook computes (`names` indices, in order), and where the row's
+        # figures sit among them.
+        computed = (list(range(len(params))) if every_tensor
+                    else sorted({*matrices, *singles.values()}))
+        at = {index: i for i, index in enumerate(computed)}
+        self._computed = torch.tensor(computed, dtype=torch.long, device=device)
+        self._hooked = [params[i] for i in computed]
+        self._hooked_ids = {id(p) for p in self._hooked}
+        self._matrices = torch.tensor(matrices, dtype=torch.long, device=device)
+        self._matrices_at = torch.tensor([at[i] for i in matrices], dtype=torch.long, device=device)
+        self._single = {column: at[i] for column, i in singles.items()}
         self._nan = torch.full((), math.nan, device=device)
-        self._params = params
         self._numel_cache: dict[tuple[int, ...], torch.Tensor] = {}
-        self._per_tensor: torch.Tensor | None = None
+        self._per_tensor: torch.Tensor | None = None  # RMS_t of `_hooked`, in that order
         if not isinstance(optimizer, StableAdamW):
             optimizer.register_step_pre_hook(self._before_step)
 
@@ -309,14 +323,15 @@ class UpdateRMS:
         buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
         for group in optimizer.param_groups:  # the groups differ in weight decay only, as a rule
             key = (group["betas"][1], group["eps"])
-            buckets.setdefault(key, []).extend(p for p in group["params"] if p.grad is not None)
+            buckets.setdefault(key, []).extend(
+                p for p in group["params"] if p.grad is not None and id(p) in self._hooked_ids)
         rms = {key: self._rms(optimizer, params, *key) for key, params in buckets.items() if params}
-        if len(rms) == 1 and len(next(iter(buckets.values()))) == len(self.names):
-            self._per_tensor = next(iter(rms.values()))  # every parameter, in `names` order
+        if len(rms) == 1 and len(next(iter(buckets.values()))) == len(self._hooked):
+            self._per_tensor = next(iter(rms.values()))  # every hooked tensor, in order
             return
         by_param = {id(p): value for key, params in buckets.items() if params
                     for p, value in zip(params, rms[key].unbind())}
-        self._per_tensor = torch.stack([by_param.get(id(p), self._nan) for p in self._params])
+        self._per_tensor = torch.stack([by_param.get(id(p), self._nan) for p in self._hooked])
 
     def _rms(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], beta2: float,
              eps: float) -> torch.Tensor:
@@ -348,18 +363,30 @@ class UpdateRMS:
                                                   device=params[0].device)
         return self._numel_cache[key]
 
-    def per_tensor(self) -> torch.Tensor:
-        """RMS_t of every parameter tensor of the last step, in `names` order."""
-        rms = self.optimizer.last_rms if isinstance(self.optimizer, StableAdamW) else self._per_tensor
-        if rms is None:
+    def _computed_rms(self) -> torch.Tensor:
+        """RMS_t of the tensors the hook computes, in `_computed` order."""
+        if isinstance(self.optimizer, StableAdamW):
+            if self.optimizer.last_rms is None:
+                raise RuntimeError("UpdateRMS.read() before any optimizer.step(): call it after the step")
+            return self.optimizer.last_rms.index_select(0, self._computed)
+        if self._per_tensor is None:
             raise RuntimeError("UpdateRMS.read() before any optimizer.step(): call it after the step")
-        return rms
+        return self._per_tensor
+
+    def per_tensor(self) -> torch.Tensor:
+        """RMS_t of every parameter tensor of the last step, in `names` order: NaN for the ones
+        the hook leaves out (see the class docstring; StableAdamW computes all of them)."""
+        if isinstance(self.optimizer, StableAdamW) and self.optimizer.last_rms is not None:
+            return self.optimizer.last_rms
+        rms = self._computed_rms()
+        return torch.full((len(self.names),), math.nan, device=rms.device).index_copy_(
+            0, self._computed, rms)
 
     def read(self) -> dict[str, torch.Tensor]:
         """rms_max (over weight matrices, ndim ≥ 2), rms_max_index (into `names`),
         rms_patch_embed, rms_temperature, rms_bias: 0-d tensors."""
-        rms = self.per_tensor()
-        matrices = rms.index_select(0, self._matrices)
+        rms = self._computed_rms()
+        matrices = rms.index_select(0, self._matrices_at)
         # index_select, not [argmax]: indexing with a 0-d tensor would read it on the host.
         row = {"rms_max": matrices.max(),
                "rms_max_index": self._matrices.index_select(0, matrices.argmax().view(1))[0]}

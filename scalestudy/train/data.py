@@ -417,11 +417,15 @@ def _grain(size: int) -> torch.Tensor:
 def render(scenes: Scenes, image_size: int) -> torch.Tensor:
     """(n, 3, S, S) uint8 images of the scenes: background, object, digits, noise."""
     n, a, size = len(scenes), scenes.attributes, image_size
-    background = (_BACKGROUND_RGB[scenes.background] + scenes.shade).clamp(0, 1).view(n, 3, 1, 1)
-    colour = (_OBJECT_RGB[a["colour"]] + scenes.tint).clamp(0, 1).view(n, 3, 1, 1)
-    image = torch.where(_object_mask(scenes, size).unsqueeze(1), colour, background)
-    image = torch.where(_digits_mask(scenes, size).unsqueeze(1), _DIGIT_RGB.view(1, 3, 1, 1), image)
-    image += _grain(image_size)[scenes.grain % _GRAIN_FIELDS]
+    background = (_BACKGROUND_RGB[scenes.background] + scenes.shade).clamp(0, 1)
+    colour = (_OBJECT_RGB[a["colour"]] + scenes.tint).clamp(0, 1)
+    # Each pixel shows its row's background (0), object (1) or digit colour (2): one gather from
+    # a 3-colour palette per row, where two broadcast `where`s took 3.5× as long at 512 images.
+    palette = torch.stack([background, colour, _DIGIT_RGB.expand(n, 3)], dim=2)  # (n, 3, 3)
+    which = _object_mask(scenes, size).to(torch.long).masked_fill_(_digits_mask(scenes, size), 2)
+    pixels = which.view(n, 1, size * size).expand(n, 3, size * size)
+    image = palette.gather(2, pixels).view(n, 3, size, size)
+    image += _grain(image_size).index_select(0, scenes.grain % _GRAIN_FIELDS)
     return image.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
 

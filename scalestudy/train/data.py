@@ -34,7 +34,7 @@ import functools
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -247,16 +247,6 @@ class Scenes:
     def __len__(self) -> int:
         return len(self.radius)
 
-    @classmethod
-    def cat(cls, parts: Sequence[Scenes]) -> Scenes:
-        """The scenes of `parts`, one after another (a single part as it is: no copy)."""
-        if len(parts) == 1:
-            return parts[0]
-        tensors = {f.name: torch.cat([getattr(part, f.name) for part in parts])
-                   for f in fields(cls) if f.name != "attributes"}
-        return cls(attributes={k: torch.cat([part.attributes[k] for part in parts])
-                               for k in parts[0].attributes}, **tensors)
-
     def rows(self, rows: slice | torch.Tensor) -> Scenes:
         """The scenes of a slice, or of a (k,) long index (rows may repeat)."""
         return Scenes({k: v[rows] for k, v in self.attributes.items()}, self.centre[rows],
@@ -276,31 +266,48 @@ def draw_scenes(seed: int, split: str, index: int, n: int, pairs: tuple[int, ...
     """The scenes of batch `index` of a split: a pure function of its arguments. `pairs` restricts
     the colour–shape pairs (indices into CLASSES); None draws all 40. Every other attribute is
     uniform and independent, so all 2,160,000 captions of the full set are equally likely."""
-    g = random_stream(seed, split, index)
+    return draw_scenes_run(seed, split, [index], n, pairs)
+
+
+def draw_scenes_run(
+    seed: int, split: str, indices: Sequence[int], n: int, pairs: tuple[int, ...] | None
+) -> Scenes:
+    """`draw_scenes` of each of `indices`, one after another, bit for bit: each batch's numbers
+    come from its own stream, and turning them into scenes is per row, so it is done once for all
+    (at B = 16 the ~20 ops of that cost more in per-call overhead than in arithmetic)."""
+    allowed = torch.arange(len(CLASSES)) if pairs is None else torch.tensor(pairs)
+    draws = [_draws(random_stream(seed, split, index), n, len(allowed)) for index in indices]
+    code, size_jitter, cell_jitter, tint, background, shade, margin, grain = (
+        parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*draws))
     # One draw over all combinations, decoded digit by digit: separate small torch.randint calls
     # on one generator are not jointly independent (at B = 4096 they repeat a caption twice as
     # often as independent draws would). Digit i is code // (c_0⋯c_{i−1}) % c_i, all at once.
-    allowed = torch.arange(len(CLASSES)) if pairs is None else torch.tensor(pairs)
-    code = torch.randint(len(allowed) * _FREE_COMBINATIONS, (n,), generator=g)
     digits = code.unsqueeze(1) // _FREE_PLACES % _FREE_COUNTS
     attributes = dict(zip(_FREE, digits.unbind(1)))
     pair = allowed[code // _FREE_COMBINATIONS]
     attributes["colour"], attributes["shape"] = pair // len(SHAPES), pair % len(SHAPES)
-    radius = _RADII[attributes["size"]] * (0.93 + 0.14 * torch.rand(n, generator=g))
+    radius = _RADII[attributes["size"]] * (0.93 + 0.14 * size_jitter)
     cell = torch.stack([attributes["position"] % 3, attributes["position"] // 3], dim=1)
     # Cells 0, 1, 2 put the centre at the start, middle or end of the range it can take (the object
     # may cross the edge by 5 % of its radius), jittered by ±8 % of the range: cells stay apart
     # even for a large object, whose centre has the least room.
-    t = (cell / 2 + 0.16 * (torch.rand(n, 2, generator=g) - 0.5)).clamp(0, 1)
+    t = (cell / 2 + 0.16 * (cell_jitter - 0.5)).clamp(0, 1)
     reach = 0.95 * radius.unsqueeze(1)
     centre = reach + t * (1 - 2 * reach)
-    tint = 0.12 * (torch.rand(n, 3, generator=g) - 0.5)
-    background = torch.randint(len(BACKGROUNDS), (n,), generator=g)
-    shade = 0.08 * (torch.rand(n, 3, generator=g) - 0.5)
-    # The digits move a little, so reading them takes more than one fixed pixel pattern.
-    margin = 1 + torch.randint(3, (n, 2), generator=g)
-    grain = torch.randint(2**31, (n,), generator=g)
-    return Scenes(attributes, centre, radius, tint, background, shade, margin, grain)
+    # The digits move a little (margin 1–3 px), so reading them takes more than one fixed pattern.
+    return Scenes(attributes, centre, radius, 0.12 * (tint - 0.5), background, 0.08 * (shade - 0.5),
+                  1 + margin, grain)
+
+
+def _draws(g: torch.Generator, n: int, pairs: int) -> tuple[torch.Tensor, ...]:
+    """The random numbers of n scenes, in the order they are taken from `g`: the combination
+    code, the size and cell jitters, the tint, the background, the shade, the digits' margin and
+    the grain key (uniform [0, 1) or integer draws; `draw_scenes_run` turns them into scenes)."""
+    return (torch.randint(pairs * _FREE_COMBINATIONS, (n,), generator=g),
+            torch.rand(n, generator=g), torch.rand(n, 2, generator=g),
+            torch.rand(n, 3, generator=g), torch.randint(len(BACKGROUNDS), (n,), generator=g),
+            torch.rand(n, 3, generator=g), torch.randint(3, (n, 2), generator=g),
+            torch.randint(2**31, (n,), generator=g))
 
 
 def _digits_mask(scenes: Scenes, size: int) -> torch.Tensor:
@@ -552,17 +559,30 @@ class ShapesDataset:
         local = len(range(batch_size)[rows])
         count = min(last - first + 1,
                     max(1, RENDER_AHEAD_PIXELS // (max(1, local) * self.image_size**2)))
-        mine, captions, indices = [], [], []
-        for step in range(first, first + count):
-            scenes, clean, index = self._whole(step, batch_size)
-            mine_index = None if index is None else index[rows]
-            mine.append(scenes.rows(rows if mine_index is None else mine_index))
-            captions.append(mismatch_captions(clean, self.caption_noise, self.seed, step)[rows])
-            indices.append(mine_index)
+        steps = range(first, first + count)
+        indices: list[torch.Tensor | None]
+        if self.pool is None:  # every step's scenes drawn at once, then this rank's rows of each
+            whole = draw_scenes_run(self.seed, "train", steps, batch_size, self.train_pairs)
+            clean = whole.captions()
+            block = torch.arange(batch_size)[rows]
+            scenes = whole if local == batch_size else whole.rows(
+                torch.cat([i * batch_size + block for i in range(count)]))
+            captions = [mismatch_captions(clean[i * batch_size:(i + 1) * batch_size],
+                                          self.caption_noise, self.seed, step)[rows]
+                        for i, step in enumerate(steps)]
+            indices = [None] * count
+        else:
+            pool, pool_captions = self._pool
+            wholes = [pool_index(self.seed, self.pool, step, batch_size) for step in steps]
+            indices = [index[rows] for index in wholes]
+            scenes = pool.rows(torch.cat(indices))
+            captions = [mismatch_captions([pool_captions[i] for i in index.tolist()],
+                                          self.caption_noise, self.seed, step)[rows]
+                        for step, index in zip(steps, wholes)]
+        sizes = [local] * count
         pixels: Sequence[torch.Tensor | None] = (
-            render(Scenes.cat(mine), self.image_size).split([len(part) for part in mine])
-            if images else [None] * count)
-        return [Batch(*batch) for batch in zip(pixels, captions, [part.labels() for part in mine],
+            render(scenes, self.image_size).split(sizes) if images else [None] * count)
+        return [Batch(*batch) for batch in zip(pixels, captions, scenes.labels().split(sizes),
                                                 indices)]
 
     def pool_images(self, start: int, stop: int) -> torch.Tensor:

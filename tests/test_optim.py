@@ -15,7 +15,7 @@ from scalestudy.expand import Derived
 from scalestudy.spec import ModelSpec, OptimSpec
 from scalestudy.train.models import TwoTower
 from scalestudy.train.optim import (
-    NonFiniteGate, StableAdamW, bias_corrections, lr_at, make_optimizer, update_rms,
+    FusedAdamW, NonFiniteGate, StableAdamW, bias_corrections, lr_at, make_optimizer, update_rms,
     weight_decay_groups,
 )
 
@@ -171,8 +171,49 @@ def test_an_optimizer_resumes_exactly_from_its_state_dict(kind):
 def test_make_optimizer_builds_fused_torch_adamw_or_stable_adamw():
     model = tiny_model()
     adamw = make_optimizer(model, OptimSpec(), lr=1e-3)
-    assert type(adamw) is torch.optim.AdamW and adamw.defaults["fused"]
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"]
     assert isinstance(make_optimizer(model, OptimSpec(kind="stable_adamw"), lr=1e-3), StableAdamW)
+
+
+def test_fused_adamw_steps_bit_for_bit_as_torchs_through_skips_frozen_steps_and_a_reload():
+    ours, theirs = tiny_model(), tiny_model()
+    spec = OptimSpec(weight_decay=0.1, beta2=0.95)
+    opt = make_optimizer(ours, spec, lr=1e-2)
+    twin = dict(theirs.named_parameters())
+    torch_opt = torch.optim.AdamW(
+        [{"params": [twin[n] for n in names], "weight_decay": group["weight_decay"]}
+         for group, names in zip(opt.param_groups, group_names(ours, opt))],
+        lr=1e-2, betas=(0.9, 0.95), eps=spec.eps, fused=True)
+    assert type(opt) is FusedAdamW
+    noise = torch.Generator().manual_seed(5)
+    for t in range(12):
+        lr = 1e-2 * (1 + t % 3)
+        skip = torch.tensor(float(t in (4, 9)))  # non-finite steps the gate skips
+        for o in (opt, torch_opt):
+            o.found_inf = skip
+            for group in o.param_groups:
+                group["lr"] = lr
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            # The text tower has no gradient on steps 6–7 (a frozen or unused tensor).
+            g = None if 6 <= t <= 7 and name.startswith("text.") else torch.randn(p.shape,
+                                                                                   generator=noise)
+            p.grad, q.grad = g, None if g is None else g.clone()
+        opt.step()
+        torch_opt.step()
+        if t == 5:  # a resume in between: ours from torch's state, theirs from ours
+            ours_state, theirs_state = opt.state_dict(), torch_opt.state_dict()
+            opt.load_state_dict(theirs_state)
+            torch_opt.load_state_dict(ours_state)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert all(torch.equal(opt.state[p][k], torch_opt.state[q][k])
+                   for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def group_names(model: TwoTower, opt: torch.optim.Optimizer) -> list[list[str]]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [[by_id[id(p)] for p in group["params"]] for group in opt.param_groups]
 
 
 def test_weight_decay_falls_on_matrices_and_embeddings_not_on_gains_biases_t_or_b():

@@ -5,9 +5,10 @@ Why: a small model's step is hundreds of tiny tensor ops, each allocating its ou
 an input, and glibc's malloc serves that churn slowly. PyTorch's own CPU launcher
 (`python -m torch.backends.xeon.run_cpu`) preloads these allocators for the same reason. Measured
 on the 2-core machine (benchmarks/README.md, "Step time"): the canonical tiny model's median step
-at B = 16 went from 5.7–5.8 ms to 5.0 ms under tcmalloc, 5.25 ms under jemalloc. The allocator
-decides where bytes live, never what is computed: a trial gives the same values bit for bit under
-each (tested), so the choice is not part of a trial's identity.
+at B = 16 is 4.62–4.94 ms under tcmalloc against 5.14–5.30 ms under glibc's malloc; jemalloc
+came out between them. The allocator decides where bytes live, never what is computed: a trial
+under tcmalloc records the same values bit for bit as under glibc's malloc (tested), so the
+choice is not part of a trial's identity.
 
 The library must be preloaded before the process starts (a running process cannot change its
 malloc), so the executors set it in the trial process's environment (`preload`); under Slurm the

@@ -737,9 +737,9 @@ class ResourcesSpec(Spec):
         "auto",
         description="The trial process's malloc, preloaded with LD_PRELOAD (Linux): tcmalloc or "
         "jemalloc serve a small model's many tiny tensor allocations faster than glibc's malloc "
-        "(the tiny model's step: 5.0 ms under tcmalloc, 5.75 under glibc). auto: tcmalloc if "
-        "installed, else jemalloc, else the system's; a named one must be installed. It changes "
-        "no value.",
+        "(the tiny model's median step: 4.6–4.9 ms under tcmalloc, 5.1–5.3 under glibc's). auto: "
+        "tcmalloc if installed, else jemalloc, else the system's; a named one must be installed. "
+        "It changes no value.",
     )
 
     @field_validator("gpus")

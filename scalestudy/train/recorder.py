@@ -45,7 +45,7 @@ class DeviceRows:
         self._columns: list[str] | None = None
         self._layout: tuple[tuple[torch.dtype, torch.Size], ...] = ()
         self._groups: list[list[int]] = []  # column positions stacked together, one list per dtype
-        self._unsorted: torch.Tensor | None = None  # grouped order → column order
+        self._at: list[int] = []  # where each column sits in the grouped order
 
     def __len__(self) -> int:
         return len(self._host)
@@ -61,8 +61,7 @@ class DeviceRows:
             groups.setdefault(key, []).append(i)
         self._groups = list(groups.values())
         grouped = [i for group in self._groups for i in group]
-        self._unsorted = torch.tensor(sorted(range(len(grouped)), key=grouped.__getitem__),
-                                      device=values[0].device)
+        self._at = sorted(range(len(grouped)), key=grouped.__getitem__)
 
     def append(self, host: Mapping[str, Any], device: Mapping[str, torch.Tensor]) -> None:
         columns, values = list(device), list(device.values())
@@ -81,11 +80,11 @@ class DeviceRows:
         """The pending rows as plain Python values (one device→host copy), oldest first."""
         if not self._host:
             return []
-        assert self._columns is not None and self._unsorted is not None
+        assert self._columns is not None
         steps = len(self._device)
         grouped = torch.cat([torch.stack([step[g] for step in self._device]).reshape(steps, -1)
-                             .to(torch.float64) for g in range(len(self._groups))], dim=1)
-        values = grouped.index_select(1, self._unsorted).tolist()
+                             .to(torch.float64) for g in range(len(self._groups))], dim=1).tolist()
+        values = [[vector[i] for i in self._at] for vector in grouped]
         rows = []
         for host, vector in zip(self._host, values):
             row = dict(host)

@@ -7,13 +7,14 @@ and the peak memory of one large-batch step with and without micro-batching.
     .venv/bin/python benchmarks/bench_step.py --memory [--batch 16384] [--micro 1024 2048]
 
 Each case trains a real trial in a process of its own, started as the executors start one (the
-trial entry point `python -m scalestudy.trial`, with the environment `trial_env` gives it:
-its threads and its `resources.allocator` preloaded), and reads its per-step `step_time_s` (the loop's wall time from one step's start to the next: data,
-tokenizer, forward, loss, backward, monitors, optimizer); the first 20 steps are dropped as
-warm-up; the median and the mean of the rest are reported. Target (issue 12): ≤ 5 ms for the
-tiny model at B = 16 with every monitor on, on the 2-core machine. Judge it by the mean: the shapes
-data renders a run of steps' images at once (up to 32 batches at B = 16), so one step in 32 pays
-for the run's rendering and the median leaves that cost out.
+trial entry point `python -m scalestudy.trial`, with the environment `trial_env` gives it: its
+threads and its `resources.allocator` preloaded), and reads its per-step `step_time_s` (the
+loop's wall time from one step's start to the next: data, tokenizer, forward, loss, backward,
+monitors, optimizer); the first 20 steps are dropped as warm-up; the median and the mean of the
+rest are reported. Target (issue 12): a median of ≤ 5 ms for the tiny model at B = 16 with every
+monitor on, on the 2-core machine. Read the mean beside it: the shapes data renders a run of
+steps' images at once (up to 32 batches at B = 16), so one step in 32 pays for the run's
+rendering and the median leaves that cost out.
 
 `--memory`: one optimisation step of the tiny model at B = `--batch` (sigmoid loss chunked by
 1024, so the loss's B×B logits never exist and the towers' activations are what grows), plain and
@@ -38,8 +39,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from scalestudy.allocator import Allocator
 from scalestudy.executors.process import trial_env
 from scalestudy.expand import derive, trial_id
 from scalestudy.spec import TrialConfig
@@ -133,7 +135,7 @@ def main() -> None:
                         help="peak memory of one step at --batch, plain and micro-batched")
     parser.add_argument("--batch", type=int, default=16384)
     parser.add_argument("--micro", type=int, nargs="+", default=[1024])
-    parser.add_argument("--allocator", default="auto", choices=["auto", "tcmalloc", "jemalloc", "system"],
+    parser.add_argument("--allocator", default="auto", choices=get_args(Allocator),
                         help="the trials' resources.allocator (default auto, as trials have it)")
     parser.add_argument("--memory-case", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -68,15 +68,15 @@ def find(name: str, environ: Mapping[str, str]) -> Path | None:
 
 def resolve(choice: Allocator, environ: Mapping[str, str]) -> tuple[str, Path | None]:
     """(allocator, library) for `choice`: `auto` is the first of AUTO_ORDER found, else the
-    system's; a named allocator that is not installed is a ValueError saying how to install it
-    (its message names no key: the caller prefixes it)."""
+    system's; a named allocator that is not installed is a ValueError naming the key and how to
+    install it."""
     if choice == "system":
         return "system", None
     if not sys.platform.startswith("linux"):
         if choice == "auto":
             return "system", None
-        raise ValueError(f"{choice} is preloaded with LD_PRELOAD, which only Linux has; use "
-                         f"resources.allocator=auto or system on {sys.platform}")
+        raise ValueError(f"resources.allocator: {choice} is preloaded with LD_PRELOAD, which only "
+                         f"Linux has; use resources.allocator=auto or system on {sys.platform}")
     for name in AUTO_ORDER if choice == "auto" else (choice,):
         library = find(name, environ)
         if library is not None:
@@ -84,7 +84,7 @@ def resolve(choice: Allocator, environ: Mapping[str, str]) -> tuple[str, Path | 
     if choice == "auto":
         return "system", None
     raise ValueError(
-        f"none of {', '.join(LIBRARIES[choice])} is in "
+        f"resources.allocator: {choice}: none of {', '.join(LIBRARIES[choice])} is in "
         f"{', '.join(str(d) for d in search_dirs(environ))}. Install it ({INSTALL_HINT[choice]}), "
         "add its directory to LD_LIBRARY_PATH, or use resources.allocator=auto (whatever is "
         "installed, else the system's malloc)"
@@ -97,13 +97,13 @@ def _without_allocators(preload: str) -> list[str]:
             if entry and Path(entry).name not in known]
 
 
-def preload(env: dict[str, str], choice: Allocator) -> str:
-    """Set `env` (a trial process's environment) to run on `choice`; returns the allocator's name.
+def preload(env: dict[str, str], choice: Allocator) -> None:
+    """Set `env` (a trial process's environment) to run on `choice`.
 
     Any allocator LD_PRELOAD already named is replaced, so `system` means glibc's malloc even
     under a parent that preloads one; other preloaded libraries stay, after the allocator.
     """
-    name, library = resolve(choice, env)
+    _, library = resolve(choice, env)
     entries = _without_allocators(env.get("LD_PRELOAD", ""))
     if library is not None:
         entries.insert(0, str(library))
@@ -112,7 +112,6 @@ def preload(env: dict[str, str], choice: Allocator) -> str:
         env["LD_PRELOAD"] = ":".join(entries)
     else:
         env.pop("LD_PRELOAD", None)
-    return name
 
 
 def setup_line(choice: Allocator, environ: Mapping[str, str]) -> str | None:

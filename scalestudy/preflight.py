@@ -89,7 +89,7 @@ def check_allocator(choice: allocator.Allocator) -> list[str]:
     try:
         allocator.resolve(choice, os.environ)
     except ValueError as err:
-        return [f"resources.allocator: {choice}: {err}"]
+        return [str(err)]
     return []
 
 

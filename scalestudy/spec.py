@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
+from scalestudy.allocator import Allocator
 from scalestudy.datafiles import absolute
 from scalestudy.train.presets import PRESET_IMAGE_SIZE, PRESETS
 from scalestudy.train.shapes_vocab import CLASSES, COLOURS, MAX_HOLDOUT_PAIRS, SHAPES
@@ -733,7 +734,7 @@ class ResourcesSpec(Spec):
     workers: PositiveInt = Field(
         1, description="Data-parallel CPU ranks (gloo) when gpus is 0; the global batch is split."
     )
-    allocator: Literal["auto", "tcmalloc", "jemalloc", "system"] = Field(
+    allocator: Allocator = Field(
         "auto",
         description="The trial process's malloc, preloaded with LD_PRELOAD (Linux): tcmalloc or "
         "jemalloc serve a small model's many tiny tensor allocations faster than glibc's malloc "

@@ -59,10 +59,7 @@ def trial_env(environ: Mapping[str, str], cpus: int, gpus: Sequence[str] | None,
     env = dict(environ, OMP_NUM_THREADS=str(cpus), TOKENIZERS_PARALLELISM="false")
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    try:
-        allocator.preload(env, malloc)
-    except ValueError as err:
-        raise ValueError(f"resources.allocator: {malloc}: {err}") from None
+    allocator.preload(env, malloc)
     return env
 
 

@@ -159,7 +159,7 @@ def job_parameters(resources: ResourcesSpec, settings: SlurmExecutorSpec) -> dic
     try:
         preload = allocator.setup_line(resources.allocator, os.environ)
     except ValueError as err:
-        raise SpecError(f"resources.allocator: {resources.allocator}: {err}") from None
+        raise SpecError(str(err)) from None
     setup = [*settings.setup, *([preload] if preload else [])]
     if setup:
         params["setup"] = setup

@@ -572,13 +572,11 @@ class ShapesDataset:
                         for i, step in enumerate(steps)]
             indices = [None] * count
         else:
-            pool, pool_captions = self._pool
-            wholes = [pool_index(self.seed, self.pool, step, batch_size) for step in steps]
-            indices = [index[rows] for index in wholes]
-            scenes = pool.rows(torch.cat(indices))
-            captions = [mismatch_captions([pool_captions[i] for i in index.tolist()],
-                                          self.caption_noise, self.seed, step)[rows]
-                        for step, index in zip(steps, wholes)]
+            wholes = [self._whole(step, batch_size) for step in steps]
+            indices = [index[rows] for _, _, index in wholes]
+            scenes = self._pool[0].rows(torch.cat(indices))
+            captions = [mismatch_captions(clean, self.caption_noise, self.seed, step)[rows]
+                        for step, (_, clean, _) in zip(steps, wholes)]
         sizes = [local] * count
         pixels: Sequence[torch.Tensor | None] = (
             render(scenes, self.image_size).split(sizes) if images else [None] * count)

@@ -365,13 +365,14 @@ class UpdateRMS:
 
     def _computed_rms(self) -> torch.Tensor:
         """RMS_t of the tensors the hook computes, in `_computed` order."""
-        if isinstance(self.optimizer, StableAdamW):
-            if self.optimizer.last_rms is None:
-                raise RuntimeError("UpdateRMS.read() before any optimizer.step(): call it after the step")
-            return self.optimizer.last_rms.index_select(0, self._computed)
-        if self._per_tensor is None:
+        if isinstance(self.optimizer, StableAdamW):  # it computes every tensor's RMS
+            rms = self.optimizer.last_rms
+            rms = None if rms is None else rms.index_select(0, self._computed)
+        else:
+            rms = self._per_tensor
+        if rms is None:
             raise RuntimeError("UpdateRMS.read() before any optimizer.step(): call it after the step")
-        return self._per_tensor
+        return rms
 
     def per_tensor(self) -> torch.Tensor:
         """RMS_t of every parameter tensor of the last step, in `names` order: NaN for the ones

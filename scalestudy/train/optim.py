@@ -72,13 +72,15 @@ class FusedAdamW(torch.optim.AdamW):
     def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float],
                  eps: float) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, fused=True)
+        # Per group: the parameters with a gradient and their state, or None for a model that
+        # steps through torch's code; rebuilt when which parameters have a gradient changes.
         self._lists: list[tuple[list[torch.Tensor], ...]] | None = None
-        self._with_grad: list[list[bool]] = []
+        self._with_grad: list[list[bool]] | None = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         with_grad = [[p.grad is not None for p in group["params"]] for group in self.param_groups]
-        if self._lists is None or with_grad != self._with_grad:
+        if with_grad != self._with_grad:
             tensors = [p for group in self.param_groups for p in group["params"]]
             plain = len({(p.device, p.dtype) for p in tensors}) == 1 and not any(
                 group["amsgrad"] or group["maximize"] for group in self.param_groups)
@@ -115,11 +117,11 @@ class FusedAdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._lists = None  # the state tensors are new objects
+        self._with_grad = None  # rebuild the lists: the state tensors are new objects
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._lists = None
+        self._with_grad = None
 
 
 def bias_corrections(steps: Sequence[torch.Tensor], beta: float) -> list[torch.Tensor]:

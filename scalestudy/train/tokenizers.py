@@ -49,6 +49,12 @@ class Tokenizer(Protocol):
     def __call__(self, texts: Sequence[str]) -> torch.Tensor: ...
 
 
+def padded_rows(rows: Sequence[list[int]], length: int) -> torch.Tensor:
+    """(len(rows), length) ids, each row (already cut to `length`) padded with 0."""
+    return torch.tensor([ids + [0] * (length - len(ids)) for ids in rows],
+                        dtype=torch.long).view(len(rows), length)
+
+
 class RowCache:
     """Encodes each distinct caption once into a zero-padded row; a batch is one index_select.
 
@@ -67,10 +73,7 @@ class RowCache:
         self._table = torch.zeros(64, context_length, dtype=torch.long)
 
     def _padded(self, texts: list[str]) -> torch.Tensor:
-        pad = self._length
-        return torch.tensor(
-            [ids + [0] * (pad - len(ids)) for ids in self._encode(texts)], dtype=torch.long
-        ).view(len(texts), pad)
+        return padded_rows(self._encode(texts), self._length)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         rows = self._rows
@@ -117,11 +120,8 @@ class HashTokenizer:
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         keep, known = self.context_length, self._ids.get
-        rows = []
-        for text in texts:
-            row = [known(word) or self._id(word) for word in WORD.findall(text.lower())[:keep]]
-            rows.append(row + [0] * (keep - len(row)))
-        return torch.tensor(rows, dtype=torch.long).view(len(texts), keep)
+        words = (WORD.findall(text.lower())[:keep] for text in texts)
+        return padded_rows([[known(word) or self._id(word) for word in row] for row in words], keep)
 
 
 class FileTokenizer:
